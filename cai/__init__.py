@@ -1,0 +1,2 @@
+"""cai: Constitutional AI (RLAIF) pipeline."""
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""Typed pipeline configuration: the one place defaults live.
+
+A pipeline YAML holds values only; every key is checked here (unknown keys and wrong types are
+errors). Relative paths are relative to the working directory and made absolute on load, so Ray
+workers started elsewhere see the same files.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.errors import CaiError
+from cai.yamlfile import read_yaml, validate_yaml
+
+STAGE_ORDER = ("prompts", "critique_revise")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field("smollm2-135m-instruct", description="alias, local HF folder, or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    system_prompt: str | None = Field(None, description="system message; None keeps the template's")
+
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(128, ge=1, description="new tokens per completion")
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    batch_size: int = Field(32, ge=1, description="rows per forward pass")
+    max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are cut from the left")
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="cluster address; None: $CAI_RAY_ADDRESS or a local Ray")
+    generation_actors: int = Field(1, ge=1, description="Ray actors that each load the model once")
+    cpus_per_actor: float = Field(2.0, gt=0, description="CPUs (and torch threads) per actor")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per generation actor")
+
+
+class PromptSource(Strict):
+    path: str = Field(description="jsonl/csv/parquet file, a `datasets` folder, or builtin:red_team|helpful")
+    column: str = Field("prompt", description="column holding the prompt text")
+    split: str = Field("train", description="split, for `datasets` folders")
+
+
+class ExpandConfig(Strict):
+    new_prompts: int = Field(0, ge=0, description="prompts to generate per set by few-shot prompting")
+    few_shot: int = Field(8, ge=1, description="seed prompts shown per generation request")
+    near_duplicate_threshold: float = Field(0.7, gt=0, le=1, description="Jaccard of word 3-grams")
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=48, temperature=1.0, top_p=0.95)
+
+
+class PromptsConfig(Strict):
+    red_team: list[PromptSource] = [PromptSource(path="builtin:red_team")]
+    helpful: list[PromptSource] = [PromptSource(path="builtin:helpful")]
+    max_red_team: int | None = Field(None, ge=1, description="keep the first N red-team prompts")
+    max_helpful: int | None = Field(None, ge=1, description="keep the first N helpfulness prompts")
+    expand: ExpandConfig = ExpandConfig()
+
+
+class CritiqueReviseConfig(Strict):
+    rounds: int = Field(4, ge=1, description="critique->revision rounds per prompt (paper: 4)")
+    few_shot: int = Field(5, ge=0, description="few-shot conversations from the constitution")
+    train_on: Literal["all_rounds", "last_round"] = Field("all_rounds", description="revisions in SFT data")
+    helpful_samples: int = Field(2, ge=0, description="policy answers per helpfulness prompt (paper: 2)")
+    shard_size: int = Field(32, ge=1, description="prompts per committed shard")
+    generation: GenerationConfig = GenerationConfig()
+
+
+class PipelineConfig(Strict):
+    name: str = Field(description="run name; an output_dir belongs to one run name")
+    output_dir: str = Field(description="stage outputs go to <output_dir>/<stage>/")
+    seed: int = Field(0, description="seeds principle sampling and generation")
+    constitution: str = Field("constitutions/default.yaml", description="constitution YAML")
+    stages: list[Literal["prompts", "critique_revise"]] = list(STAGE_ORDER)
+    policy: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    critique_revise: CritiqueReviseConfig = CritiqueReviseConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a', 'b'], 3). The value is read as YAML, so 3 is an int and [1,2] a list."""
+    if "=" not in text:
+        raise CaiError(f"override '{text}': expected key=value")
+    key, _, raw = text.partition("=")
+    if not key.strip():
+        raise CaiError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str], lines: dict[tuple, int]) -> None:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise CaiError(f"override '{text}': '{'.'.join(keys[:i + 1])}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+        lines.pop(tuple(keys), None)  # an override has no line in the file
+
+
+def _absolute(path: str) -> str:
+    return path if ":" in path.split("/")[0] else os.path.abspath(os.path.expanduser(path))
+
+
+def _absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Relative paths are relative to the working directory; made absolute for Ray workers."""
+    prompts = cfg.prompts.model_copy(update={
+        part: [s.model_copy(update={"path": _absolute(s.path)}) for s in getattr(cfg.prompts, part)]
+        for part in ("red_team", "helpful")
+    })
+    model = cfg.policy.name
+    if os.path.isdir(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    return cfg.model_copy(update={
+        "output_dir": _absolute(cfg.output_dir),
+        "constitution": _absolute(cfg.constitution),
+        "prompts": prompts,
+        "policy": cfg.policy.model_copy(update={"name": model}),
+    })
+
+
+def load_pipeline(file: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+    """Read a pipeline YAML, apply dotted overrides, validate. Errors name the file, line and key."""
+    file = Path(file)
+    data, lines = read_yaml(file)
+    if not isinstance(data, dict):
+        raise CaiError(f"{file}: expected a mapping of keys at the top level")
+    apply_overrides(data, list(overrides), lines)
+    cfg = validate_yaml(PipelineConfig, data, file, lines)
+    return _absolute_paths(cfg)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)

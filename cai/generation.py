@@ -1,0 +1,181 @@
+"""Batched chat generation and option scoring on one model.
+
+Why our own decode loop instead of `model.generate`: rows that finished (EOS) are dropped from the
+batch and the KV cache, so a batch costs what its live rows cost, not what its longest row costs;
+and prompts are bucketed by length so left padding stays small. Sampling is seeded per batch, so a
+redone shard (same rows, same order) gives the same text.
+
+Shapes: B batch, T prompt tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cai.config import GenerationConfig
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    finished: bool  # ended with EOS rather than the token limit
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy.
+
+    Inverse-CDF sampling (one uniform per row, then a binary search in the cumulative
+    distribution): torch.multinomial on CPU draws V exponentials per row, which measured here as a
+    quarter of a decode step.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)          # (B, V)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)                                                # (B, V)
+    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    return (order.gather(-1, choice) if order is not None else choice).squeeze(-1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (B, T) ids and mask, padded on the left so every row ends at column T-1."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def shared_prefix_len(rows: list[list[int]], minimum: int) -> int:
+    """Tokens every row starts with, leaving each row at least one own token; 0 if under `minimum`."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= minimum else 0
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only `rows` of a StaticCache (transformers has no batch_select for static layers)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            layer.batch_size = len(rows)
+
+
+class ChatGenerator:
+    """Wraps one causal LM and its tokenizer; all methods are batched."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
+            else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.min_shared_prefix = 32  # shorter shared prefixes are not worth a separate forward
+
+    # -- prompts -------------------------------------------------------------------------------
+    def chat_ids(self, messages: list[dict], max_tokens: int, continue_text: str = "") -> list[int]:
+        """Chat messages -> prompt ids ending at the assistant's turn (cut from the left if long)."""
+        if self.system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text + continue_text, add_special_tokens=False)["input_ids"]
+        return ids[-max_tokens:]
+
+    # -- sampling ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], cfg: GenerationConfig, seed: int) -> list[Completion]:
+        """Generate for token-id prompts; output order matches input order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # length buckets
+        out: list[Completion | None] = [None] * len(prompts)
+        for b, start in enumerate(range(0, len(order), cfg.batch_size)):
+            idx = order[start:start + cfg.batch_size]
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            for i, c in zip(idx, self._generate_batch([prompts[i] for i in idx], cfg, gen)):
+                out[i] = c
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, rows: list[list[int]], cfg: GenerationConfig, gen: torch.Generator):
+        from transformers import StaticCache
+
+        # Layout per row: [shared prefix P][left padding][own suffix S][new tokens]. The prefix (the
+        # system turn and few-shot conversations) is run once and copied to every row.
+        P = shared_prefix_len(rows, self.min_shared_prefix)
+        ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id)   # (B, S)
+        B, S = ids.shape
+        T = P + S
+        # A preallocated cache: appending to a growing one re-copies it every step (a third of
+        # the step time measured here).
+        cache = StaticCache(config=self.model.config, max_cache_len=T + cfg.max_new_tokens)
+        mask = torch.zeros(B, T + cfg.max_new_tokens, dtype=torch.long)
+        mask[:, :P] = 1
+        mask[:, P:T] = suffix_mask
+        if P:
+            self.model(input_ids=torch.tensor([rows[0][:P]]), attention_mask=mask[:1], past_key_values=cache,
+                       cache_position=torch.arange(P), use_cache=True, logits_to_keep=1)
+            _select_rows(cache, torch.zeros(B, dtype=torch.long))
+        positions = P + (suffix_mask.cumsum(-1) - 1).clamp(min=0)                 # (B, S)
+        live = torch.arange(B)                                        # rows still generating
+        tokens: list[list[int]] = [[] for _ in rows]
+        done = [False] * B
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            cache_position=torch.arange(P, T), use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = positions[:, -1] + 1
+        for step in range(cfg.max_new_tokens):
+            nxt = sample_next(logits, cfg.temperature, cfg.top_p, gen)  # (B_live,)
+            keep = []
+            for j, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
+                if tok == self.eos_id:
+                    done[row] = True
+                else:
+                    tokens[row].append(tok)
+                    keep.append(j)
+            if not keep or step == cfg.max_new_tokens - 1:
+                break
+            if len(keep) < len(live):  # drop finished rows from the batch and the cache
+                sel = torch.tensor(keep)
+                _select_rows(cache, sel)
+                live, nxt, mask, next_pos = live[sel], nxt[sel], mask[sel], next_pos[sel]
+            mask[:, T + step] = 1
+            logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                                past_key_values=cache, cache_position=torch.tensor([T + step]),
+                                use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + done[i],
+                           done[i]) for i, (r, t) in enumerate(zip(rows, tokens))]
+
+    def generate_chat(self, conversations: list[list[dict]], cfg: GenerationConfig, seed: int) -> list[Completion]:
+        prompts = [self.chat_ids(m, cfg.max_prompt_tokens) for m in conversations]
+        return self.generate_ids(prompts, cfg, seed)
+
+    # -- scoring -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def option_logprobs(self, prompts: list[list[int]], options: list[list[int]], batch_size: int) -> torch.Tensor:
+        """Next-token log-probs of each option's first token after each prompt: (N, n_options).
+
+        Only the last position's logits are computed (`logits_to_keep=1`): the lm_head over the
+        whole sequence is the largest single cost of a scoring pass on a small model.
+        """
+        option_ids = torch.tensor([o[0] for o in options])
+        result = []
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_pad(prompts[start:start + batch_size], self.pad_id)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=1).logits[:, -1].float()           # (B, V)
+            result.append(torch.log_softmax(logits, -1)[:, option_ids])
+        return torch.cat(result)

@@ -1,0 +1,160 @@
+"""Prompt sets: the shipped seeds and user files (jsonl, csv, parquet, a `datasets` folder).
+
+Bad files end with one line naming the file and the row: not UTF-8, NUL bytes, a missing column,
+an empty prompt, or no prompts at all.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+from cai.config import PromptSource
+from cai.errors import CaiError
+
+BUILTIN = {"builtin:red_team": "red_team.jsonl", "builtin:helpful": "helpful.jsonl"}
+
+
+def _builtin_path(name: str) -> Path:
+    if name not in BUILTIN:
+        raise CaiError(f"prompt source '{name}': unknown builtin (known: {', '.join(BUILTIN)})")
+    return Path(__file__).parent / "data" / "prompts" / BUILTIN[name]
+
+
+def _checked_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data:
+        line = data[:data.index(b"\x00")].count(b"\n") + 1
+        raise CaiError(f"{path}:{line}: NUL byte in prompt file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise CaiError(f"{path}:{line}: not UTF-8 (byte {e.start})") from None
+
+
+def _jsonl_rows(path: Path, column: str) -> list[tuple[int, dict]]:
+    rows = []
+    for n, line in enumerate(_checked_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CaiError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise CaiError(f"{path}:{n}: expected a JSON object per line")
+        if column not in row:
+            raise CaiError(f"{path}:{n}: no column '{column}' (keys: {', '.join(row) or 'none'})")
+        rows.append((n, row))
+    return rows
+
+
+def _csv_rows(path: Path, column: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(_checked_text(path)))
+    if column not in (reader.fieldnames or []):
+        raise CaiError(f"{path}: no column '{column}' (columns: {', '.join(reader.fieldnames or []) or 'none'})")
+    return [(reader.line_num, row) for row in reader]
+
+
+def _table_rows(table, path: Path, column: str, what: str) -> list[tuple[int, dict]]:
+    if column not in table.column_names:
+        raise CaiError(f"{path}: no column '{column}' in {what} (columns: {', '.join(table.column_names)})")
+    return [(i + 1, row) for i, row in enumerate(table.to_pylist())]
+
+
+def _dataset_rows(path: Path, src: PromptSource) -> list[tuple[int, dict]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:
+        raise CaiError(f"{path}: not a `datasets` folder ({type(e).__name__})") from None
+    if isinstance(ds, DatasetDict):
+        if src.split not in ds:
+            raise CaiError(f"{path}: no split '{src.split}' (splits: {', '.join(ds)})")
+        ds = ds[src.split]
+    return _table_rows(ds.data.table, path, src.column, f"split '{src.split}'")
+
+
+def read_source(src: PromptSource) -> list[dict]:
+    """-> [{id, prompt, source}] in file order; any bad row is a one-line CaiError."""
+    path = _builtin_path(src.path) if src.path.startswith("builtin:") else Path(src.path)
+    if not path.exists():
+        raise CaiError(f"{path}: prompt file not found")
+    if path.is_dir():
+        rows = _dataset_rows(path, src)
+    elif path.suffix == ".jsonl":
+        rows = _jsonl_rows(path, src.column)
+    elif path.suffix == ".csv":
+        rows = _csv_rows(path, src.column)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = _table_rows(pq.read_table(path), path, src.column, "the parquet file")
+    else:
+        raise CaiError(f"{path}: unsupported prompt file type (use .jsonl, .csv, .parquet or a datasets folder)")
+    if not rows:
+        raise CaiError(f"{path}: no prompts in file")
+    out = []
+    for n, row in rows:
+        text = row.get(src.column)
+        if not isinstance(text, str) or not text.strip():
+            raise CaiError(f"{path}: row {n}: column '{src.column}' is empty or not text")
+        out.append({"id": str(row.get("id") or f"{path.stem}-{n:05d}"), "prompt": text.strip(),
+                    "source": src.path})
+    return out
+
+
+def fingerprint(src: PromptSource) -> str:
+    """Content hash of a source, for cache keys (editing a prompt file reruns what reads it)."""
+    path = _builtin_path(src.path) if src.path.startswith("builtin:") else Path(src.path)
+    h = hashlib.sha256(f"{src.column}|{src.split}".encode())
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.read_bytes() if f.exists() else b"missing")
+    return h.hexdigest()[:16]
+
+
+# -- duplicates ------------------------------------------------------------------------------------
+def normalise(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def shingles(text: str, n: int = 3) -> frozenset:
+    words = normalise(text).split()
+    if len(words) < n:
+        return frozenset([" ".join(words)])
+    return frozenset(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+class NearDuplicateFilter:
+    """Keeps texts whose word-3-gram Jaccard similarity to every kept text is below a threshold."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.kept: list[frozenset] = []
+        self.index: dict[str, list[int]] = {}
+        self.exact: set[str] = set()
+
+    def add(self, text: str) -> bool:
+        """True (and remember it) when `text` is new; False for an exact or near duplicate."""
+        key = normalise(text)
+        if key in self.exact:
+            return False
+        sh = shingles(text)
+        overlap: dict[int, int] = {}
+        for s in sh:
+            for j in self.index.get(s, ()):
+                overlap[j] = overlap.get(j, 0) + 1
+        for j, common in overlap.items():
+            if common / len(sh | self.kept[j]) >= self.threshold:
+                return False
+        self.exact.add(key)
+        for s in sh:
+            self.index.setdefault(s, []).append(len(self.kept))
+        self.kept.append(sh)
+        return True

@@ -1,0 +1,129 @@
+"""Stage `critique_revise`: SL-CAI data by critique -> revision (Bai et al. 2022, §3.1, App. C.1).
+
+Steps, per red-team prompt, on a pool of Ray actors that hold the policy:
+  1. the policy answers the prompt (few-shot conversations from the constitution come first);
+  2. for each of `rounds` rounds: draw a principle (independently per round, seeded by the row id),
+     ask for a critique of the current answer, then for a revision; the revision becomes the answer;
+  3. helpfulness mix: `helpful_samples` policy answers per helpfulness prompt (§3.1: 2 per prompt);
+  4. write trace.jsonl (every round of every row) and sft.jsonl in trl's conversational
+     prompt/completion format (revisions of all rounds, or only the last, plus the helpfulness mix).
+Run alone: `cai run pipelines/default.yaml --stages critique_revise`.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from cai.config import CritiqueReviseConfig, PipelineConfig
+from cai.constitution import Constitution
+from cai.prompting import (assistant, clean_reply, critique_messages, few_shot_messages, revision_messages,
+                           sample_principle, user)
+from cai.shards import ShardStore, chunk, read_jsonl, write_jsonl
+
+CONSTITUTION_PARTS = ("critique_revision", "few_shot_revisions")
+
+
+def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+    return {"critique_revise": cfg.critique_revise.model_dump(mode="json"), "seed": cfg.seed,
+            "policy": cfg.policy.model_dump(mode="json"),
+            "constitution": constitution.part_hash(*CONSTITUTION_PARTS)}
+
+
+def _load(inputs: dict[str, Path], part: str) -> list[dict]:
+    return read_jsonl(inputs["prompts"] / f"{part}.jsonl")
+
+
+def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
+    size = cfg.critique_revise.shard_size
+    helpful = len(_load(inputs, "helpful")) * cfg.critique_revise.helpful_samples
+    return {"red_team": -(-len(_load(inputs, "red_team")) // size), "helpful": -(-helpful // size)}
+
+
+def revise_shard(generator, rows: list[dict], seed: int, *, constitution: Constitution,
+                 cfg: CritiqueReviseConfig, run_seed: int, model: str) -> tuple[list[dict], int]:
+    """Runs on a Ray actor: the full critique -> revision loop for one shard of prompts."""
+    shots = few_shot_messages(constitution, cfg.few_shot)
+    ids = [p.id for p in constitution.critique_revision]
+    calls = iter(range(1, 1000))
+    tokens = 0
+
+    def ask(conversations):
+        nonlocal tokens
+        outs = generator.generate_chat(conversations, cfg.generation, seed + next(calls))
+        tokens += sum(o.new_tokens for o in outs)
+        return [clean_reply(o.text) for o in outs]
+
+    # step 1: initial answers
+    answers = ask([shots + [user(r["prompt"])] for r in rows])
+    traces = [{"id": r["id"], "prompt": r["prompt"], "initial": a, "rounds": [], "model": model,
+               "seed": run_seed, "shard_seed": seed} for r, a in zip(rows, answers)]
+    # step 2: rounds of critique -> revision, a principle drawn per row and round
+    for k in range(cfg.rounds):
+        principles = [constitution.principle(sample_principle(ids, run_seed, r["id"], k)) for r in rows]
+        critiques = ask([critique_messages(shots, r["prompt"], a, p) for r, a, p in zip(rows, answers, principles)])
+        revisions = ask([revision_messages(shots, r["prompt"], a, p, c)
+                         for r, a, p, c in zip(rows, answers, principles, critiques)])
+        for t, p, c, rev in zip(traces, principles, critiques, revisions):
+            t["rounds"].append({"round": k + 1, "principle": p.id, "critique_request": p.critique,
+                                "critique": c, "revision_request": p.revision, "revision": rev})
+        # an empty revision keeps the previous answer, so the next round still has text to critique
+        answers = [rev or a for rev, a in zip(revisions, answers)]
+    return traces, tokens
+
+
+def answer_shard(generator, rows: list[dict], seed: int, *, cfg: CritiqueReviseConfig) -> tuple[list[dict], int]:
+    """Runs on a Ray actor: one sampled policy answer per (helpfulness prompt, sample) row."""
+    outs = generator.generate_chat([[user(r["prompt"])] for r in rows], cfg.generation, seed)
+    return ([{**r, "answer": clean_reply(o.text)} for r, o in zip(rows, outs)],
+            sum(o.new_tokens for o in outs))
+
+
+def sft_rows(traces: list[dict], helpful: list[dict], train_on: str) -> tuple[list[dict], int]:
+    """trl conversational prompt/completion rows; empty completions are dropped and counted."""
+    rows, empty = [], 0
+    for t in traces:
+        chosen = t["rounds"] if train_on == "all_rounds" else t["rounds"][-1:]
+        for r in chosen:
+            if r["revision"]:
+                rows.append({"prompt": [user(t["prompt"])], "completion": [assistant(r["revision"])]})
+            else:
+                empty += 1
+    for h in helpful:
+        if h["answer"]:
+            rows.append({"prompt": [user(h["prompt"])], "completion": [assistant(h["answer"])]})
+        else:
+            empty += 1
+    return rows, empty
+
+
+def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.pool import GenerationPool
+
+    cr = cfg.critique_revise
+    red_team = _load(inputs, "red_team")
+    helpful = [{**r, "sample": s, "id": f"{r['id']}#{s}"} for r in _load(inputs, "helpful")
+               for s in range(cr.helpful_samples)]
+    red_shards, help_shards = chunk(red_team, cr.shard_size), chunk(helpful, cr.shard_size)
+    red_store = ShardStore(out / "shards" / "red_team", len(red_shards))
+    help_store = ShardStore(out / "shards" / "helpful", len(help_shards))
+    pool = GenerationPool(cfg.policy, cfg.ray)
+    try:
+        # steps 1-2: answer, then critique -> revision rounds
+        revise = functools.partial(revise_shard, constitution=constitution, cfg=cr, run_seed=cfg.seed,
+                                   model=cfg.policy.name)
+        pool.map_shards(revise, red_shards, red_store, cfg.seed, "critique_revise red_team")
+        # step 3: helpfulness mix
+        pool.map_shards(functools.partial(answer_shard, cfg=cr), help_shards, help_store, cfg.seed,
+                        "critique_revise helpful")
+    finally:
+        pool.shutdown()
+    # step 4: trace and SFT data
+    traces = red_store.rows()
+    for t in traces:
+        t["constitution"] = {"name": constitution.name, "hash": constitution.part_hash(*CONSTITUTION_PARTS)}
+    answers = help_store.rows() if help_shards else []
+    write_jsonl(out / "trace.jsonl", traces)
+    rows, empty = sft_rows(traces, answers, cr.train_on)
+    write_jsonl(out / "sft.jsonl", rows)
+    return {"red_team_prompts": len(traces), "rounds": cr.rounds, "helpful_answers": len(answers),
+            "sft_rows": len(rows), "empty_dropped": empty}

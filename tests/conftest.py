@@ -1,0 +1,51 @@
+"""Shared fixtures: the tiny random model (built once per session) and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from cai.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model):
+    import torch
+
+    from cai.generation import ChatGenerator
+    from cai.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(2)
+    return ChatGenerator(load_causal_lm(tiny_model), load_tokenizer(tiny_model))
+
+
+def cai(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the real `cai` entry point in a subprocess, from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CAI_RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "cai.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cai {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed `cai` call (asserts it is one line, exit code 2)."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("cai: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]

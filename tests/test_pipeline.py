@@ -1,0 +1,139 @@
+"""End to end: the real `cai` CLI on pipelines/tiny.yaml under a real local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cai.config import load_pipeline
+from cai.constitution import load_constitution
+from cai.runner import stage_keys
+from cai.shards import read_jsonl
+
+from .conftest import REPO, cai, error_line
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "pipelines/tiny.yaml", f"policy.name={model}", f"output_dir={out}", *extra]
+
+
+def rows(out: Path, stage: str, name: str) -> list[dict]:
+    return read_jsonl(out / stage / name)
+
+
+def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    first = cai(*tiny_args(tiny_model, out))
+    red = rows(out, "prompts", "red_team.jsonl")
+    assert len(red) == 6 + 3 and sum(r["source"] == "generated" for r in red) == 3
+    trace = rows(out, "critique_revise", "trace.jsonl")
+    assert [t["id"] for t in trace] == [r["id"] for r in red]
+    assert all(len(t["rounds"]) == 2 for t in trace)
+    default = load_constitution(REPO / "constitutions/default.yaml")
+    ids = {p.id for p in default.critique_revision}
+    assert all(r["principle"] in ids and r["critique_request"] == default.principle(r["principle"]).critique
+               for t in trace for r in t["rounds"])
+    assert {t["constitution"]["name"] for t in trace} == {"default"} and {t["seed"] for t in trace} == {0}
+    sft = rows(out, "critique_revise", "sft.jsonl")
+    summary = json.loads((out / "critique_revise" / "_COMPLETE.json").read_text())["summary"]
+    assert len(sft) == summary["sft_rows"] == 9 * 2 + 7 * 2 - summary["empty_dropped"]
+    assert set(sft[0]) == {"prompt", "completion"} and sft[0]["prompt"][0]["role"] == "user"
+    assert "done" in first.stderr or "done" in first.stdout
+    status = cai("status", str(out)).stdout
+    assert "prompts" in status and status.count("done in") == 2
+    # unchanged config: both stages skipped, outputs untouched
+    mtime = (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns
+    again = cai(*tiny_args(tiny_model, out))
+    assert again.stderr.count("up to date") == 2
+    assert (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns == mtime
+    # last_round: only the last revision per prompt goes to SFT; prompts stays cached
+    last = cai(*tiny_args(tiny_model, out, "critique_revise.train_on=last_round"))
+    assert "prompts: up to date" in last.stderr
+    assert len(rows(out, "critique_revise", "sft.jsonl")) <= 9 + 7 * 2
+
+
+def test_cache_key_moves_with_critique_principle_not_preference(tmp_path):
+    import yaml
+
+    base = yaml.safe_load((REPO / "constitutions/default.yaml").read_text())
+    pref, crit = yaml.safe_load(yaml.safe_dump(base)), yaml.safe_load(yaml.safe_dump(base))
+    pref["preference"][0]["question"] += " Think carefully."
+    crit["critique_revision"][0]["critique"] += " Read it twice."
+    variants = {name: yaml.safe_dump(v) for name, v in (("base", base), ("pref", pref), ("crit", crit))}
+    keys = {}
+    for name, body in variants.items():
+        (tmp_path / f"{name}.yaml").write_text(body)
+        cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [f"constitution={tmp_path / name}.yaml"])
+        keys[name] = stage_keys(cfg, load_constitution(cfg.constitution))
+    assert keys["pref"] == keys["base"]
+    assert keys["crit"]["critique_revise"] != keys["base"]["critique_revise"]
+    assert keys["crit"]["prompts"] == keys["base"]["prompts"]
+    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", ["critique_revise.rounds=3"])
+    assert stage_keys(cfg, load_constitution(cfg.constitution))["critique_revise"] != keys["base"]["critique_revise"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("critique_revise.rounds=x", "key 'critique_revise.rounds': Input should be a valid integer"),
+    ("critique_revise.bogus=1", "key 'critique_revise.bogus': unknown key"),
+    ("policy.name=/nonexistent/model", "model '/nonexistent/model': no such folder"),
+    ("constitution=/nonexistent.yaml", "/nonexistent.yaml: file not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny_model, tmp_path, override, expected):
+    out = tmp_path / "run"
+    proc = cai(*tiny_args(tiny_model, out, override), check=False)
+    assert expected in error_line(proc)
+    assert not (out / "critique_revise" / "_COMPLETE.json").exists()
+
+
+def test_bad_prompt_file_and_foreign_output_dir(tiny_model, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "no prompt column"}\n')
+    out = tmp_path / "run"
+    line = error_line(cai(*tiny_args(tiny_model, out, f"prompts.red_team=[{{path: {bad}}}]"), check=False))
+    assert "p.jsonl:1: no column 'prompt'" in line
+    assert not (out / "prompts" / "_COMPLETE.json").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "not a cai run's outputs" in error_line(cai(*tiny_args(tiny_model, foreign), check=False))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cai-run.json").write_text('{"name": "someone-else"}')
+    assert "outputs of run 'someone-else'" in error_line(cai(*tiny_args(tiny_model, other), check=False))
+
+
+def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tiny_model, tmp_path):
+    """Kill a real `cai run` (and its Ray processes) mid-stage; the rerun keeps committed shards and
+    produces exactly the rows of a run that was never interrupted."""
+    extra = ["prompts.max_red_team=12", "prompts.expand.new_prompts=0", "critique_revise.shard_size=1",
+             "critique_revise.generation.max_new_tokens=24"]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    cai(*tiny_args(tiny_model, clean, *extra))
+    env = {**os.environ}
+    env.pop("CAI_RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *tiny_args(tiny_model, killed, *extra)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = killed / "critique_revise" / "shards" / "red_team"
+    deadline = time.time() + 240
+    while len(list(shards.glob("shard-*.jsonl"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl")}
+    assert 3 <= len(committed) < 12, "the kill must land mid-stage"
+    assert not (killed / "critique_revise" / "_COMPLETE.json").exists()
+    assert "partial (" in cai("status", str(killed)).stdout
+    resumed = cai(*tiny_args(tiny_model, killed, *extra))
+    assert "resuming" in resumed.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl") if p.name in committed} == committed
+    for name in ("trace.jsonl", "sft.jsonl"):
+        assert rows(killed, "critique_revise", name) == rows(clean, "critique_revise", name)

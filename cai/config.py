@@ -14,9 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.errors import CaiError
-from cai.yamlfile import read_yaml, validate_yaml
+from cai.yamlfile import load_value, read_yaml, validate_yaml
 
-STAGE_ORDER = ("prompts", "critique_revise")
+STAGE_ORDER = ("prompts", "critique_revise", "sft", "preferences", "reward_model")
 
 
 class Strict(BaseModel):
@@ -74,16 +74,72 @@ class CritiqueReviseConfig(Strict):
     generation: GenerationConfig = GenerationConfig()
 
 
+class TrainConfig(Strict):
+    workers: int = Field(1, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
+    cpus_per_worker: float = Field(2.0, gt=0, description="CPUs (and torch threads) per worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on CPU")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    bf16: bool = Field(False, description="bf16 mixed precision, where the device supports it")
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="paper: constant")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (paper: 1)")
+    max_steps: int = Field(-1, description="optimizer steps; -1 means use epochs")
+    batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
+    grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(1024, ge=16, description="tokens per training sequence")
+    save_steps: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+
+
+class SftConfig(Strict):
+    base_model: str | None = Field(None, description="model to fine-tune; None: the policy (paper: pretrained LM)")
+    helpful_ratio: float = Field(1.0, ge=0, description="helpfulness rows per revision row in the mix")
+    train: TrainConfig = TrainConfig(learning_rate=1e-5)
+
+
+class JudgeCheckConfig(Strict):
+    enabled: bool = Field(True, description="score the feedback model on labelled pairs before labelling")
+    pairs: str = Field("builtin:judge_check", description="jsonl of {prompt, better, worse, aspect}")
+    stop_below: float | None = Field(None, ge=0, le=1, description="stop when accuracy is below this")
+    warn_below: float = Field(0.6, ge=0, le=1, description="warn loudly when accuracy is below this")
+
+
+class PreferencesConfig(Strict):
+    feedback_model: ModelConfig | None = Field(None, description="the judge; None: the policy model")
+    samples_per_prompt: int = Field(2, ge=2, le=2, description="responses per prompt (a pair)")
+    both_orders: bool = Field(True, description="label (A, B) and (B, A) and average")
+    few_shot: int = Field(2, ge=0, description="few-shot labelling examples prepended")
+    chain_of_thought: bool = Field(False, description="the judge reasons first, then answers")
+    cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="clamp for chain-of-thought labels (§4.3)")
+    cot_generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.0)
+    helpful_pairs: PromptSource | None = Field(None, description="given prompt/chosen/rejected pairs")
+    label_helpful: bool = Field(True, description="without helpful_pairs, label helpfulness pairs by AI")
+    max_prompt_tokens: int = Field(1536, ge=64, description="longer labelling prompts are skipped, counted")
+    shard_size: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1, description="labelling prompts per forward pass")
+    response_generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=1.0)
+    judge_check: JudgeCheckConfig = JudgeCheckConfig()
+
+
+class RewardModelConfig(Strict):
+    base_model: str | None = Field(None, description="None: the SFT model (a scalar head is added)")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="held-out share for agreement and ECE")
+    train: TrainConfig = TrainConfig(learning_rate=1e-5, batch_size=8)
+
+
 class PipelineConfig(Strict):
     name: str = Field(description="run name; an output_dir belongs to one run name")
     output_dir: str = Field(description="stage outputs go to <output_dir>/<stage>/")
     seed: int = Field(0, description="seeds principle sampling and generation")
     constitution: str = Field("constitutions/default.yaml", description="constitution YAML")
-    stages: list[Literal["prompts", "critique_revise"]] = list(STAGE_ORDER)
+    stages: list[Literal[STAGE_ORDER]] = list(STAGE_ORDER)
     policy: ModelConfig = ModelConfig()
     ray: RayConfig = RayConfig()
     prompts: PromptsConfig = PromptsConfig()
     critique_revise: CritiqueReviseConfig = CritiqueReviseConfig()
+    sft: SftConfig = SftConfig()
+    preferences: PreferencesConfig = PreferencesConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -94,7 +150,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip():
         raise CaiError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -119,20 +175,34 @@ def _absolute(path: str) -> str:
     return path if ":" in path.split("/")[0] else os.path.abspath(os.path.expanduser(path))
 
 
+def _model_path(name: str | None) -> str | None:
+    """Local model folders become absolute; aliases and hub ids stay as written."""
+    if name and os.path.isdir(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
+
+
 def _absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Relative paths are relative to the working directory; made absolute for Ray workers."""
     prompts = cfg.prompts.model_copy(update={
         part: [s.model_copy(update={"path": _absolute(s.path)}) for s in getattr(cfg.prompts, part)]
         for part in ("red_team", "helpful")
     })
-    model = cfg.policy.name
-    if os.path.isdir(os.path.expanduser(model)):
-        model = os.path.abspath(os.path.expanduser(model))
+    pref = cfg.preferences
+    pref = pref.model_copy(update={
+        "feedback_model": pref.feedback_model and pref.feedback_model.model_copy(
+            update={"name": _model_path(pref.feedback_model.name)}),
+        "judge_check": pref.judge_check.model_copy(update={"pairs": _absolute(pref.judge_check.pairs)}),
+        "helpful_pairs": pref.helpful_pairs and pref.helpful_pairs.model_copy(
+            update={"path": _absolute(pref.helpful_pairs.path)})})
     return cfg.model_copy(update={
         "output_dir": _absolute(cfg.output_dir),
         "constitution": _absolute(cfg.constitution),
         "prompts": prompts,
-        "policy": cfg.policy.model_copy(update={"name": model}),
+        "policy": cfg.policy.model_copy(update={"name": _model_path(cfg.policy.name)}),
+        "sft": cfg.sft.model_copy(update={"base_model": _model_path(cfg.sft.base_model)}),
+        "preferences": pref,
+        "reward_model": cfg.reward_model.model_copy(update={"base_model": _model_path(cfg.reward_model.base_model)}),
     })
 
 
@@ -145,6 +215,10 @@ def load_pipeline(file: str | Path, overrides: list[str] = ()) -> PipelineConfig
     apply_overrides(data, list(overrides), lines)
     cfg = validate_yaml(PipelineConfig, data, file, lines)
     return _absolute_paths(cfg)
+
+
+def feedback_model(cfg: PipelineConfig) -> ModelConfig:
+    return cfg.preferences.feedback_model or cfg.policy
 
 
 def dump_config(cfg: PipelineConfig) -> str:

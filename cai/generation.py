@@ -158,8 +158,9 @@ class ChatGenerator:
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + done[i],
                            done[i]) for i, (r, t) in enumerate(zip(rows, tokens))]
 
-    def generate_chat(self, conversations: list[list[dict]], cfg: GenerationConfig, seed: int) -> list[Completion]:
-        prompts = [self.chat_ids(m, cfg.max_prompt_tokens) for m in conversations]
+    def generate_chat(self, conversations: list[list[dict]], cfg: GenerationConfig, seed: int,
+                      continue_text: str = "") -> list[Completion]:
+        prompts = [self.chat_ids(m, cfg.max_prompt_tokens, continue_text) for m in conversations]
         return self.generate_ids(prompts, cfg, seed)
 
     # -- scoring -------------------------------------------------------------------------------

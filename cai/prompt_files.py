@@ -80,8 +80,8 @@ def _dataset_rows(path: Path, src: PromptSource) -> list[tuple[int, dict]]:
     return _table_rows(ds.data.table, path, src.column, f"split '{src.split}'")
 
 
-def read_source(src: PromptSource) -> list[dict]:
-    """-> [{id, prompt, source}] in file order; any bad row is a one-line CaiError."""
+def read_rows(src: PromptSource) -> tuple[Path, list[tuple[int, dict]]]:
+    """(file, [(line or row number, row)]) of any supported file; checks encoding and the column."""
     path = _builtin_path(src.path) if src.path.startswith("builtin:") else Path(src.path)
     if not path.exists():
         raise CaiError(f"{path}: prompt file not found")
@@ -99,6 +99,12 @@ def read_source(src: PromptSource) -> list[dict]:
         raise CaiError(f"{path}: unsupported prompt file type (use .jsonl, .csv, .parquet or a datasets folder)")
     if not rows:
         raise CaiError(f"{path}: no prompts in file")
+    return path, rows
+
+
+def read_source(src: PromptSource) -> list[dict]:
+    """-> [{id, prompt, source}] in file order; any bad row is a one-line CaiError."""
+    path, rows = read_rows(src)
     out = []
     for n, row in rows:
         text = row.get(src.column)

@@ -15,18 +15,21 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from cai.config import STAGE_ORDER, PipelineConfig
+from cai.config import STAGE_ORDER, PipelineConfig, feedback_model
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.models import resolve_model
 from cai.progress import console
 from cai.shards import write_atomic
-from cai.stages import critique_revise, prompts
+from cai.stages import critique_revise, preferences, prompts, reward_model, sft
 
 # stage name -> (module, the stages whose outputs it reads)
 STAGES: dict[str, tuple[ModuleType, tuple[str, ...]]] = {
     "prompts": (prompts, ()),
     "critique_revise": (critique_revise, ("prompts",)),
+    "sft": (sft, ("critique_revise",)),
+    "preferences": (preferences, ("prompts", "sft")),
+    "reward_model": (reward_model, ("sft", "preferences")),
 }
 MARKER, STARTED, OWNER = "_COMPLETE.json", "_STARTED.json", "cai-run.json"
 
@@ -60,6 +63,19 @@ def stage_keys(cfg: PipelineConfig, constitution) -> dict[str, str]:
     return keys
 
 
+def models_needed(cfg: PipelineConfig, selected: list[str]) -> list[str]:
+    needed = []
+    if "critique_revise" in selected or ("prompts" in selected and cfg.prompts.expand.new_prompts):
+        needed.append(cfg.policy.name)
+    if "sft" in selected:
+        needed.append(cfg.sft.base_model or cfg.policy.name)
+    if "preferences" in selected:
+        needed.append(feedback_model(cfg).name)
+    if "reward_model" in selected and cfg.reward_model.base_model:
+        needed.append(cfg.reward_model.base_model)
+    return needed
+
+
 def is_done(stage_dir: Path, key: str) -> bool:
     marker = read_json(stage_dir / MARKER)
     return marker is not None and marker.get("key") == key
@@ -79,8 +95,8 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     constitution = load_constitution(cfg.constitution)
     selected = [s for s in STAGE_ORDER if s in (only or cfg.stages)]
     keys = stage_keys(cfg, constitution)
-    if "critique_revise" in selected or cfg.prompts.expand.new_prompts:
-        resolve_model(cfg.policy.name)  # a missing model fails here, before anything is written
+    for model in models_needed(cfg, selected):
+        resolve_model(model)  # a missing model fails here, before anything is written
     claim_output_dir(out, cfg.name)
     results: dict[str, dict] = {}
     try:

@@ -5,6 +5,7 @@ We compose the YAML node tree once, so every value keeps its line number; a pyda
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,6 +15,21 @@ from pydantic import BaseModel, ValidationError
 from cai.errors import CaiError, where
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`; people write 1e-5)."""
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_value(text: str):
+    """One YAML value (used for command-line overrides)."""
+    return yaml.load(text, Loader=Loader)
 
 
 def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: Path) -> Any:
@@ -30,7 +46,7 @@ def _to_python(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: Path
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(v, path + (i,), lines, file) for i, v in enumerate(node.value)]
-    loader = yaml.SafeLoader("")
+    loader = Loader("")
     try:
         return loader.construct_object(node, deep=True)
     finally:
@@ -47,7 +63,7 @@ def read_yaml(file: Path) -> tuple[Any, dict[tuple, int]]:
     except UnicodeDecodeError as e:
         raise CaiError(f"{file}: not UTF-8 text (byte {e.start})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None

@@ -6,7 +6,8 @@ Steps, per red-team prompt, on a pool of Ray actors that hold the policy:
      ask for a critique of the current answer, then for a revision; the revision becomes the answer;
   3. helpfulness mix: `helpful_samples` policy answers per helpfulness prompt (§3.1: 2 per prompt);
   4. write trace.jsonl (every round of every row) and sft.jsonl in trl's conversational
-     prompt/completion format (revisions of all rounds, or only the last, plus the helpfulness mix).
+     prompt/completion format (revisions of all rounds, or only the last, plus the helpfulness mix;
+     also apart, as sft_revisions.jsonl and sft_helpful.jsonl, for the sft stage's mix ratio).
 Run alone: `cai run pipelines/default.yaml --stages critique_revise`.
 """
 from __future__ import annotations
@@ -78,22 +79,22 @@ def answer_shard(generator, rows: list[dict], seed: int, *, cfg: CritiqueReviseC
             sum(o.new_tokens for o in outs))
 
 
-def sft_rows(traces: list[dict], helpful: list[dict], train_on: str) -> tuple[list[dict], int]:
-    """trl conversational prompt/completion rows; empty completions are dropped and counted."""
-    rows, empty = [], 0
+def sft_rows(traces: list[dict], helpful: list[dict], train_on: str) -> tuple[list[dict], list[dict], int]:
+    """trl conversational prompt/completion rows (revisions, helpfulness); empty ones dropped, counted."""
+    revisions, answers, empty = [], [], 0
     for t in traces:
         chosen = t["rounds"] if train_on == "all_rounds" else t["rounds"][-1:]
         for r in chosen:
             if r["revision"]:
-                rows.append({"prompt": [user(t["prompt"])], "completion": [assistant(r["revision"])]})
+                revisions.append({"prompt": [user(t["prompt"])], "completion": [assistant(r["revision"])]})
             else:
                 empty += 1
     for h in helpful:
         if h["answer"]:
-            rows.append({"prompt": [user(h["prompt"])], "completion": [assistant(h["answer"])]})
+            answers.append({"prompt": [user(h["prompt"])], "completion": [assistant(h["answer"])]})
         else:
             empty += 1
-    return rows, empty
+    return revisions, answers, empty
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
@@ -123,7 +124,9 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
         t["constitution"] = {"name": constitution.name, "hash": constitution.part_hash(*CONSTITUTION_PARTS)}
     answers = help_store.rows() if help_shards else []
     write_jsonl(out / "trace.jsonl", traces)
-    rows, empty = sft_rows(traces, answers, cr.train_on)
-    write_jsonl(out / "sft.jsonl", rows)
+    revisions, helpful_rows, empty = sft_rows(traces, answers, cr.train_on)
+    write_jsonl(out / "sft_revisions.jsonl", revisions)
+    write_jsonl(out / "sft_helpful.jsonl", helpful_rows)
+    write_jsonl(out / "sft.jsonl", revisions + helpful_rows)
     return {"red_team_prompts": len(traces), "rounds": cr.rounds, "helpful_answers": len(answers),
-            "sft_rows": len(rows), "empty_dropped": empty}
+            "sft_rows": len(revisions) + len(helpful_rows), "empty_dropped": empty}

@@ -1,0 +1,86 @@
+"""Training on Ray Train workers with DeepSpeed: the DeepSpeed config built in code, and the launcher.
+
+The same training function runs on 1 CPU worker in tests and on N GPU workers on a cluster: Ray Train
+starts the workers, sets RANK/WORLD_SIZE/MASTER_ADDR and a process group (gloo on CPU, nccl on GPU),
+and returns rank 0's return value.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from cai.config import RayConfig, TrainConfig
+from cai.errors import CaiError
+
+
+def deepspeed_config(train: TrainConfig, hf_auto: bool = True, world_size: int | None = None) -> dict:
+    """A DeepSpeed config from typed fields. With `hf_auto`, HF Trainer fills batch sizes and clipping
+    from its own arguments (values given here would have to match them exactly)."""
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # else save_model writes no weights
+    if hf_auto:
+        sizes = {k: "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                     "train_batch_size", "gradient_clipping")}
+    else:
+        world = world_size or train.workers
+        sizes = {"train_micro_batch_size_per_gpu": train.batch_size,
+                 "gradient_accumulation_steps": train.grad_accum,
+                 "train_batch_size": train.batch_size * train.grad_accum * world,
+                 "gradient_clipping": train.max_grad_norm}
+    return {**sizes, "bf16": {"enabled": train.bf16}, "fp16": {"enabled": False}, "zero_optimization": zero,
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def bf16_supported(use_gpu: bool) -> bool:
+    import torch
+
+    if use_gpu:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.backends, "cpu", None) and torch.backends.cpu.get_cpu_capability() in
+                ("AVX512", "AVX512_BF16", "AMX"))
+
+
+def run_training(fn: Callable[[dict], Any], config: dict, train: TrainConfig, ray_cfg: RayConfig,
+                 storage: Path, name: str) -> Any:
+    """Run `fn(config)` on `train.workers` Ray Train workers; return rank 0's return value."""
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cai.pool import start_ray
+
+    start_ray(ray_cfg)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if train.workers * train.cpus_per_worker > cpus:
+        raise CaiError(f"{name}.train: workers={train.workers} x cpus_per_worker={train.cpus_per_worker:g} needs "
+                       f"{train.workers * train.cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}")
+    env = {"OMP_NUM_THREADS": str(int(train.cpus_per_worker)), "DS_ACCELERATOR": os.environ.get(
+        "DS_ACCELERATOR", "cuda" if train.gpus_per_worker else "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+    for var in ("CAI_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        fn, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        # a fresh run name each time: Ray Train would otherwise restore its own state from an old run;
+        # resuming is ours (trainer checkpoints in the stage folder)
+        run_config=RunConfig(name=f"{name}-{int(time.time() * 1000)}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=0),
+                             worker_runtime_env={"env_vars": env}))
+    try:
+        return trainer.fit().return_value
+    except ray.train.WorkerGroupError as e:
+        first = e.worker_failures[min(e.worker_failures)]
+        if isinstance(first, CaiError):
+            raise CaiError(str(first)) from None
+        raise
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) inside a training worker."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,86 @@
+"""Judge check: score a feedback model on labelled comparisons before trusting its labels.
+
+Reports accuracy (order-averaged label on the better side), position bias (mean P(A) when the better
+answer is shown as A, and when it is shown as B: an unbiased judge has them far apart around 0.5, a
+position-biased one has both on the same side), and calibration (ECE of P(A) for "A is better").
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from cai.calibration import expected_calibration_error
+from cai.errors import CaiError
+
+BUILTIN = Path(__file__).parent / "data" / "judge_check" / "pairs.jsonl"
+KEYS = ("prompt", "better", "worse")
+
+
+def load_check_pairs(path: str) -> list[dict]:
+    """{id, prompt, r1=better, r2=worse, aspect, kind} rows; a bad row is a one-line error."""
+    file = BUILTIN if path == "builtin:judge_check" else Path(path)
+    if not file.exists():
+        raise CaiError(f"{file}: judge-check pairs not found")
+    pairs = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = [k for k in KEYS if not isinstance(row.get(k), str) or not row[k].strip()]
+        if missing:
+            raise CaiError(f"{file}:{n}: missing or empty '{missing[0]}'")
+        pairs.append({"id": row.get("id", f"jc-{n}"), "prompt": row["prompt"], "r1": row["better"],
+                      "r2": row["worse"], "aspect": row.get("aspect", "harmless"), "kind": row.get("kind", "")})
+    if not pairs:
+        raise CaiError(f"{file}: no judge-check pairs")
+    return pairs
+
+
+def judge_report(labels: list[dict], pairs: list[dict]) -> dict:
+    """Metrics from both-order labels of pairs whose r1 is the better response."""
+    kinds = {p["id"]: p["kind"] for p in pairs}
+    rows = [r for r in labels if "p_r1" in r]
+    if not rows:
+        raise CaiError("judge check: every pair was skipped (prompts longer than the judge's limit?)")
+    p_better = torch.tensor([r["p_r1"] for r in rows])
+    p_a_better_first = torch.tensor([r["p_a"][0] for r in rows])   # better shown as (A)
+    p_a_better_second = torch.tensor([r["p_a"][1] for r in rows])  # better shown as (B)
+    all_p_a = torch.cat([p_a_better_first, p_a_better_second])
+    a_is_better = torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))])
+    accuracy = (p_better > 0.5).double().mean().item()
+    by_kind = {}
+    for kind in sorted({kinds[r["id"]] for r in rows}):
+        sel = torch.tensor([kinds[r["id"]] == kind for r in rows])
+        by_kind[kind] = round((p_better[sel] > 0.5).double().mean().item(), 3)
+    return {
+        "pairs": len(rows),
+        "accuracy": round(accuracy, 3),
+        "accuracy_better_as_A": round((p_a_better_first > 0.5).double().mean().item(), 3),
+        "accuracy_better_as_B": round((p_a_better_second < 0.5).double().mean().item(), 3),
+        "mean_P(A)_better_as_A": round(p_a_better_first.mean().item(), 3),
+        "mean_P(A)_better_as_B": round(p_a_better_second.mean().item(), 3),
+        "position_bias": round(all_p_a.mean().item() - 0.5, 3),
+        "ece": round(expected_calibration_error(all_p_a, a_is_better), 3),
+        "chance_band": round(2 * math.sqrt(0.25 / len(rows)), 3),  # ±2 s.e. of a coin's accuracy
+        "accuracy_by_kind": by_kind,
+    }
+
+
+def verdict(report: dict, warn_below: float) -> str | None:
+    """A loud warning when the judge is near chance, else None."""
+    near_chance = report["accuracy"] < max(warn_below, 0.5 + report["chance_band"])
+    if not near_chance:
+        return None
+    return (f"JUDGE NEAR CHANCE: accuracy {report['accuracy']:.2f} on {report['pairs']} labelled pairs "
+            f"(chance 0.50 ± {report['chance_band']:.2f}); position bias {report['position_bias']:+.2f}. "
+            f"Its preference labels are close to noise: use a larger feedback model "
+            f"(preferences.feedback_model.name) before trusting the reward model.")
+
+
+def format_report(report: dict) -> str:
+    lines = [f"  {k:24s} {v}" for k, v in report.items() if k != "accuracy_by_kind"]
+    lines += [f"  accuracy[{k}]{' ' * max(1, 14 - len(k))}{v}" for k, v in report["accuracy_by_kind"].items()]
+    return "\n".join(lines)

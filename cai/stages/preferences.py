@@ -1,0 +1,207 @@
+"""Stage `preferences`: RL-CAI data, AI soft preference labels (Bai et al. 2022, §4.1-4.3).
+
+Steps:
+  1. judge check: the feedback model labels shipped comparisons with a known better side; report
+     accuracy, position bias and calibration; warn loudly (or stop, by config) near chance;
+  2. response pairs: the SFT model samples two responses per red-team prompt (and per helpfulness
+     prompt, unless a helpfulness comparison file is given);
+  3. labels: the feedback model labels each pair under one sampled principle, in both orders,
+     averaged (chain-of-thought mode: reason first, clamp the label);
+  4. attribution: on a few pairs, every principle labels; per principle, agreement with the others'
+     majority and decisiveness mean |p - 0.5|;
+  5. write preferences.jsonl: trl's preference format (prompt, chosen, rejected) plus p_chosen,
+     per-order probabilities, principle id and raw log-probs; skipped pairs are counted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from pathlib import Path
+
+from cai.config import PipelineConfig, PreferencesConfig, feedback_model
+from cai.constitution import Constitution
+from cai.errors import CaiError
+from cai.feedback import label_pairs
+from cai.judge_check import format_report, judge_report, load_check_pairs, verdict
+from cai.progress import console
+from cai.prompting import assistant, clean_reply, user
+from cai.shards import ShardStore, chunk, read_jsonl, write_atomic, write_jsonl
+
+CONSTITUTION_PARTS = ("preference", "few_shot_labels")
+ATTRIBUTION_PAIRS = 8
+
+
+def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+    return {"preferences": cfg.preferences.model_dump(mode="json"), "seed": cfg.seed,
+            "feedback_model": feedback_model(cfg).model_dump(mode="json"),
+            "constitution": constitution.part_hash(*CONSTITUTION_PARTS)}
+
+
+def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
+    n = len(read_jsonl(inputs["prompts"] / "red_team.jsonl"))
+    return {"responses_red_team": -(-n // cfg.preferences.shard_size), "labels_red_team": -(-n // cfg.preferences.shard_size)}
+
+
+def respond_shard(generator, rows: list[dict], seed: int, *, generation) -> tuple[list[dict], int]:
+    """Runs on a Ray actor holding the SFT model: two sampled responses per prompt."""
+    outs = generator.generate_chat([[user(r["prompt"])] for r in rows for _ in (0, 1)], generation, seed)
+    pairs = [{**r, "r1": clean_reply(outs[2 * i].text), "r2": clean_reply(outs[2 * i + 1].text)}
+             for i, r in enumerate(rows)]
+    return pairs, sum(o.new_tokens for o in outs)
+
+
+def label_shard(generator, rows: list[dict], seed: int, *, constitution, pcfg: PreferencesConfig,
+                run_seed: int, principle_id: str | None = None) -> tuple[list[dict], int]:
+    """Runs on a Ray actor holding the feedback model."""
+    labels, tokens = label_pairs(
+        generator, rows, constitution, seed=run_seed, both_orders=pcfg.both_orders, n_shots=pcfg.few_shot,
+        cot=pcfg.chain_of_thought, cot_generation=pcfg.cot_generation, cot_clamp=pcfg.cot_clamp,
+        max_tokens=pcfg.max_prompt_tokens, batch_size=pcfg.batch_size, principle_id=principle_id)
+    return [{**r, **lab} for r, lab in zip(rows, labels)], tokens
+
+
+def _pool(model, cfg: PipelineConfig):
+    from cai.pool import GenerationPool
+
+    return GenerationPool(model, cfg.ray)
+
+
+def _judge_check(cfg: PipelineConfig, constitution, out: Path) -> dict:
+    jc = cfg.preferences.judge_check
+    pairs = load_check_pairs(jc.pairs)
+    pool = _pool(feedback_model(cfg), cfg)
+    try:
+        store = ShardStore(out / "shards" / "judge_check", len(chunk(pairs, cfg.preferences.shard_size)))
+        fn = functools.partial(label_shard, constitution=constitution,
+                               pcfg=cfg.preferences.model_copy(update={"both_orders": True}), run_seed=cfg.seed)
+        pool.map_shards(fn, chunk(pairs, cfg.preferences.shard_size), store, cfg.seed, "judge check")
+    finally:
+        pool.shutdown()
+    report = judge_report(store.rows(), pairs)
+    write_atomic(out / "judge_check.json", json.dumps(report, indent=1))
+    console.print(f"judge check of {feedback_model(cfg).name}:\n{format_report(report)}")
+    warning = verdict(report, jc.warn_below)
+    if warning:
+        console.print(f"[bold red]WARNING: {warning}[/]")
+        warnings.warn(warning, stacklevel=1)
+        if jc.stop_below is not None and report["accuracy"] < jc.stop_below:
+            raise CaiError(f"preferences.judge_check: accuracy {report['accuracy']:.2f} is below stop_below="
+                           f"{jc.stop_below}; stopping before labelling")
+    return report
+
+
+def _given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
+    """A user's helpfulness comparisons (prompt/chosen/rejected), taken as labels with P = 1."""
+    from cai.prompt_files import read_rows
+
+    path, rows = read_rows(pcfg.helpful_pairs)
+    out = []
+    for n, r in rows:
+        bad = next((k for k in (pcfg.helpful_pairs.column, "chosen", "rejected")
+                    if not isinstance(r.get(k), str) or not r[k].strip()), None)
+        if bad:
+            raise CaiError(f"{path}: row {n}: '{bad}' is missing or empty")
+        out.append({"id": str(r.get("id") or f"given-{n:05d}"), "prompt": r[pcfg.helpful_pairs.column],
+                    "r1": r["chosen"], "r2": r["rejected"], "aspect": "helpful", "p_r1": 1.0, "source": "given"})
+    return out
+
+
+def attribution(rows_by_principle: dict[str, list[dict]]) -> list[dict]:
+    """Per principle: agreement with the leave-one-out majority of the others, and decisiveness."""
+    table = []
+    for pid, rows in rows_by_principle.items():
+        agree, decisive, n = 0, 0.0, 0
+        for i, row in enumerate(rows):
+            if "p_r1" not in row:
+                continue
+            others = [r[i]["p_r1"] for q, r in rows_by_principle.items() if q != pid and "p_r1" in r[i]]
+            if not others:
+                continue
+            majority = sum(others) / len(others)
+            agree += (row["p_r1"] > 0.5) == (majority > 0.5)
+            decisive += abs(row["p_r1"] - 0.5)
+            n += 1
+        table.append({"principle": pid, "pairs": n, "agreement": round(agree / n, 3) if n else None,
+                      "decisiveness": round(decisive / n, 3) if n else None})
+    return table
+
+
+def preference_row(pair: dict) -> dict:
+    """trl preference format plus our label fields; the side with P >= 0.5 is `chosen`."""
+    first = pair["p_r1"] >= 0.5
+    chosen, rejected = (pair["r1"], pair["r2"]) if first else (pair["r2"], pair["r1"])
+    return {"prompt": [user(pair["prompt"])], "chosen": [assistant(chosen)], "rejected": [assistant(rejected)],
+            "p_chosen": pair["p_r1"] if first else round(1 - pair["p_r1"], 5), "id": pair["id"],
+            "aspect": pair["aspect"], "principle": pair.get("principle"), "p_a": pair.get("p_a"),
+            "logprobs": pair.get("logprobs"), "source": pair.get("source", "ai")}
+
+
+def _usable(pair: dict, counts: dict) -> bool:
+    if not pair["r1"].strip() or not pair["r2"].strip():
+        counts["skipped_empty_response"] += 1
+        return False
+    if pair["r1"].strip() == pair["r2"].strip():
+        counts["skipped_identical"] += 1
+        return False
+    return True
+
+
+def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    pcfg = cfg.preferences
+    counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0}
+    # step 1: judge check
+    report = _judge_check(cfg, constitution, out) if pcfg.judge_check.enabled else None
+    # step 2: response pairs from the SFT model
+    parts = {"red_team": "harmless"}
+    given = _given_helpful_pairs(pcfg) if pcfg.helpful_pairs else []
+    if not given and pcfg.label_helpful:
+        parts["helpful"] = "helpful"
+    sft_model = cfg.policy.model_copy(update={"name": str(inputs["sft"] / "model")})
+    pool = _pool(sft_model, cfg)
+    pairs: dict[str, list[dict]] = {}
+    try:
+        for part, aspect in parts.items():
+            prompts = [{"id": r["id"], "prompt": r["prompt"], "aspect": aspect}
+                       for r in read_jsonl(inputs["prompts"] / f"{part}.jsonl")]
+            shards = chunk(prompts, pcfg.shard_size)
+            store = ShardStore(out / "shards" / f"responses_{part}", len(shards))
+            pool.map_shards(functools.partial(respond_shard, generation=pcfg.response_generation), shards, store,
+                            cfg.seed, f"responses {part}")
+            pairs[part] = [p for p in store.rows() if _usable(p, counts)]
+    finally:
+        pool.shutdown()
+    # steps 3-4: labels, then per-principle attribution on a few pairs
+    pool = _pool(feedback_model(cfg), cfg)
+    labelled, table = [], []
+    try:
+        label = functools.partial(label_shard, constitution=constitution, pcfg=pcfg, run_seed=cfg.seed)
+        for part, rows in pairs.items():
+            shards = chunk(rows, pcfg.shard_size)
+            store = ShardStore(out / "shards" / f"labels_{part}", len(shards))
+            pool.map_shards(label, shards, store, cfg.seed, f"labels {part}")
+            labelled += store.rows()
+        sample = pairs["red_team"][:ATTRIBUTION_PAIRS]
+        by_principle = {}
+        for p in (p for p in constitution.preference if p.aspect == "harmless"):
+            store = ShardStore(out / "shards" / f"attribution_{p.id}", 1)
+            fn = functools.partial(label_shard, constitution=constitution, pcfg=pcfg, run_seed=cfg.seed,
+                                   principle_id=p.id)
+            pool.map_shards(fn, [sample], store, cfg.seed, f"attribution {p.id}")
+            by_principle[p.id] = store.rows()
+        table = attribution(by_principle) if sample else []
+    finally:
+        pool.shutdown()
+    # step 5: the preference dataset
+    rows = []
+    for pair in labelled + given:
+        if pair.get("skipped") == "too_long":
+            counts["skipped_too_long"] += 1
+        else:
+            rows.append(preference_row(pair))
+    write_jsonl(out / "preferences.jsonl", rows)
+    write_atomic(out / "attribution.json", json.dumps(table, indent=1))
+    mean_conf = sum(r["p_chosen"] for r in rows) / max(1, len(rows))
+    return {"pairs": len(rows), "given_helpful": len(given), **counts, "mean_p_chosen": round(mean_conf, 3),
+            "judge_accuracy": report["accuracy"] if report else None,
+            "judge_position_bias": report["position_bias"] if report else None}

@@ -1,0 +1,112 @@
+"""Stage `sft`: the SL-CAI model, fine-tuned on the revisions plus helpfulness samples (§3.1).
+
+Steps:
+  1. mix the data: every revision row from critique_revise, plus `helpful_ratio` helpfulness rows per
+     revision row (seeded choice), shuffled; trl conversational prompt/completion rows, so the loss
+     falls on the completion only;
+  2. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers;
+     trainer checkpoints go to trainer/, and a rerun resumes from the last one;
+  3. save an HF checkpoint (ZeRO-3 weights gathered) to model.tmp/, check it loads, rename to model/.
+On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_worker=1 sft.train.bf16=true`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+from cai.config import PipelineConfig, TrainConfig
+from cai.constitution import Constitution
+from cai.errors import CaiError
+from cai.shards import read_jsonl, write_jsonl
+
+
+def base_model(cfg: PipelineConfig) -> str:
+    return cfg.sft.base_model or cfg.policy.name
+
+
+def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+    return {"sft": cfg.sft.model_dump(mode="json"), "base_model": base_model(cfg), "seed": cfg.seed}
+
+
+def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
+    return {}
+
+
+def mix_rows(revisions: list[dict], helpful: list[dict], ratio: float, seed: int) -> list[dict]:
+    """All revision rows plus round(ratio * len(revisions)) helpfulness rows, shuffled with `seed`."""
+    rng = random.Random(f"{seed}|sft-mix")
+    take = min(len(helpful), round(ratio * len(revisions)))
+    rows = revisions + rng.sample(helpful, take)
+    rng.shuffle(rows)
+    return rows
+
+
+def train_worker(config: dict) -> dict:
+    """Runs on every Ray Train worker (one DeepSpeed rank each)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from cai.distributed import deepspeed_config, world
+    from cai.models import load_tokenizer
+
+    train = TrainConfig(**config["train"])
+    rank, _ = world()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    trainer_dir = config["trainer_dir"]
+    args = SFTConfig(
+        output_dir=trainer_dir, per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler, num_train_epochs=train.epochs, max_steps=train.max_steps,
+        max_grad_norm=train.max_grad_norm, max_length=train.max_length, save_strategy="steps",
+        save_steps=train.save_steps, save_total_limit=2, logging_steps=1, report_to="none",
+        use_cpu=train.gpus_per_worker == 0, bf16=train.bf16, gradient_checkpointing=False,
+        deepspeed=deepspeed_config(train), seed=config["seed"], dataloader_pin_memory=False,
+        include_num_input_tokens_seen=True, disable_tqdm=rank != 0)
+    tokenizer = load_tokenizer(config["base_model"], padding_side="right")
+    model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    dataset = Dataset.from_list(read_jsonl(config["data"]))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    last = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(config["model_tmp"])  # every rank: ZeRO-3 gathers the shards collectively
+    if rank == 0:
+        tokenizer.save_pretrained(config["model_tmp"])
+    metrics = result.metrics
+    return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
+            "resumed_from": Path(last).name if last else None, "runtime_s": round(metrics["train_runtime"], 1),
+            "tokens": int(trainer.state.num_input_tokens_seen)}
+
+
+def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.distributed import run_training
+    from cai.models import load_causal_lm, resolve_model
+
+    # step 1: the data mix
+    source = inputs["critique_revise"]
+    rows = mix_rows(read_jsonl(source / "sft_revisions.jsonl"), read_jsonl(source / "sft_helpful.jsonl"),
+                    cfg.sft.helpful_ratio, cfg.seed)
+    if not rows:
+        raise CaiError(f"{source / 'sft_revisions.jsonl'}: no training rows")
+    if not (out / "train.jsonl").exists():  # a resumed run must see the very same data
+        write_jsonl(out / "train.jsonl", rows)
+    # step 2: train on Ray Train + DeepSpeed
+    model_tmp = out / "model.tmp"
+    shutil.rmtree(model_tmp, ignore_errors=True)
+    config = {"train": cfg.sft.train.model_dump(), "base_model": str(resolve_model(base_model(cfg))),
+              "data": str(out / "train.jsonl"), "trainer_dir": str(out / "trainer"), "model_tmp": str(model_tmp),
+              "seed": cfg.seed}
+    summary = run_training(train_worker, config, cfg.sft.train, cfg.ray, out / "ray", "sft")
+    # step 3: commit the checkpoint only once it loads
+    if not (model_tmp / "config.json").exists() or not list(model_tmp.glob("*.safetensors")):
+        raise CaiError(f"sft: training ended without a saved model in {model_tmp}")
+    load_causal_lm(model_tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(model_tmp, out / "model")
+    shutil.rmtree(out / "ray", ignore_errors=True)
+    return {**summary, "rows": len(rows), "workers": cfg.sft.train.workers, "zero_stage": cfg.sft.train.zero_stage}

@@ -47,18 +47,37 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
     summary = json.loads((out / "critique_revise" / "_COMPLETE.json").read_text())["summary"]
     assert len(sft) == summary["sft_rows"] == 9 * 2 + 7 * 2 - summary["empty_dropped"]
     assert set(sft[0]) == {"prompt", "completion"} and sft[0]["prompt"][0]["role"] == "user"
-    assert "done" in first.stderr or "done" in first.stdout
+    # sft: an HF checkpoint that loads, trained on revisions + helpfulness rows
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    assert AutoModelForCausalLM.from_pretrained(out / "sft" / "model").num_parameters() > 0
+    sft_summary = json.loads((out / "sft" / "_COMPLETE.json").read_text())["summary"]
+    assert sft_summary["rows"] == len(rows(out, "sft", "train.jsonl")) > 0 and sft_summary["steps"] >= 1
+    # preferences: trl preference rows with soft labels; the judge check is reported
+    prefs = rows(out, "preferences", "preferences.jsonl")
+    assert prefs and all(0.5 <= r["p_chosen"] <= 1 and r["chosen"][0]["role"] == "assistant" for r in prefs)
+    assert {r["aspect"] for r in prefs} == {"harmless", "helpful"}
+    assert all(len(r["p_a"]) == 2 and len(r["logprobs"]) == 2 for r in prefs)  # both orders
+    judge = json.loads((out / "preferences" / "judge_check.json").read_text())
+    assert judge["pairs"] == 48 and 0 <= judge["accuracy"] <= 1
+    assert "JUDGE NEAR CHANCE" in first.stderr  # a random judge must be called out
+    # reward_model: a scalar-head checkpoint with its normalisation stats
+    rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model" / "model")
+    assert rm.config.num_labels == 1
+    assert set(json.loads((out / "reward_model" / "model" / "reward_stats.json").read_text())) == {"mean", "std"}
     status = cai("status", str(out)).stdout
-    assert "prompts" in status and status.count("done in") == 2
-    # unchanged config: both stages skipped, outputs untouched
+    assert status.count("done in") == 5
+    # unchanged config: every stage skipped, outputs untouched
     mtime = (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns
     again = cai(*tiny_args(tiny_model, out))
-    assert again.stderr.count("up to date") == 2
+    assert again.stderr.count("up to date") == 5
     assert (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns == mtime
     # last_round: only the last revision per prompt goes to SFT; prompts stays cached
-    last = cai(*tiny_args(tiny_model, out, "critique_revise.train_on=last_round"))
+    last = cai(*tiny_args(tiny_model, out, "critique_revise.train_on=last_round"), "--stages",
+               "prompts,critique_revise")
     assert "prompts: up to date" in last.stderr
-    assert len(rows(out, "critique_revise", "sft.jsonl")) <= 9 + 7 * 2
+    assert len(rows(out, "critique_revise", "sft_revisions.jsonl")) <= 9
+    assert "partial" not in cai("status", str(out)).stdout
 
 
 def test_cache_key_moves_with_critique_principle_not_preference(tmp_path):
@@ -74,7 +93,10 @@ def test_cache_key_moves_with_critique_principle_not_preference(tmp_path):
         (tmp_path / f"{name}.yaml").write_text(body)
         cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [f"constitution={tmp_path / name}.yaml"])
         keys[name] = stage_keys(cfg, load_constitution(cfg.constitution))
-    assert keys["pref"] == keys["base"]
+    for stage in ("prompts", "critique_revise", "sft"):  # a preference edit reruns only what reads it
+        assert keys["pref"][stage] == keys["base"][stage]
+    for stage in ("preferences", "reward_model"):
+        assert keys["pref"][stage] != keys["base"][stage]
     assert keys["crit"]["critique_revise"] != keys["base"]["critique_revise"]
     assert keys["crit"]["prompts"] == keys["base"]["prompts"]
     cfg = load_pipeline(REPO / "pipelines/tiny.yaml", ["critique_revise.rounds=3"])
@@ -115,7 +137,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tiny_model, tmp
     """Kill a real `cai run` (and its Ray processes) mid-stage; the rerun keeps committed shards and
     produces exactly the rows of a run that was never interrupted."""
     extra = ["prompts.max_red_team=12", "prompts.expand.new_prompts=0", "critique_revise.shard_size=1",
-             "critique_revise.generation.max_new_tokens=24"]
+             "critique_revise.generation.max_new_tokens=24", "--stages", "prompts,critique_revise"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     cai(*tiny_args(tiny_model, clean, *extra))
     env = {**os.environ}

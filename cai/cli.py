@@ -4,6 +4,7 @@
   cai config pipelines/default.yaml [key=value ...]
   cai status runs/default
   cai constitution check constitutions/default.yaml
+  cai judge-check smollm2-135m-instruct
   cai model prepare [smollm2-135m-instruct]
 """
 from __future__ import annotations
@@ -30,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     const = sub.add_parser("constitution", help="constitution tools")
     const.add_argument("action", choices=["check"])
     const.add_argument("file")
+    judge = sub.add_parser("judge-check", help="score a feedback model on labelled comparison pairs")
+    judge.add_argument("model", help="alias, local folder or hub id")
+    judge.add_argument("--pairs", default="builtin:judge_check", help="jsonl of prompt/better/worse[/aspect]")
+    judge.add_argument("--constitution", default="constitutions/default.yaml")
+    judge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    judge.add_argument("--few-shot", type=int, default=2)
+    judge.add_argument("--fail-below", type=float, help="exit 1 when accuracy is below this")
     model = sub.add_parser("model", help="model tools")
     model.add_argument("action", choices=["prepare"])
     model.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -61,6 +69,30 @@ def _constitution_check(path: str) -> None:
           f"helpful), {len(c.few_shot_revisions)} few-shot revisions, {len(c.few_shot_labels)} few-shot labels")
 
 
+def _judge_check(args) -> int:
+    import torch
+
+    from cai.constitution import load_constitution
+    from cai.feedback import label_pairs
+    from cai.generation import ChatGenerator
+    from cai.judge_check import format_report, judge_report, load_check_pairs, verdict
+    from cai.models import load_causal_lm, load_tokenizer, resolve_model
+
+    constitution = load_constitution(args.constitution)
+    pairs = load_check_pairs(args.pairs)
+    path = resolve_model(args.model)
+    torch.set_num_threads(os.cpu_count() or 1)
+    judge = ChatGenerator(load_causal_lm(path, args.dtype), load_tokenizer(path))
+    labels, _ = label_pairs(judge, pairs, constitution, seed=0, both_orders=True, n_shots=args.few_shot, cot=False,
+                            cot_generation=None, cot_clamp=(0.0, 1.0), max_tokens=4096, batch_size=8)
+    report = judge_report(labels, pairs)
+    print(f"judge check of {args.model} on {len(pairs)} pairs:\n{format_report(report)}")
+    warning = verdict(report, 0.6)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    return 1 if args.fail_below is not None and report["accuracy"] < args.fail_below else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -79,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:18s} {state}")
         elif args.command == "constitution":
             _constitution_check(args.file)
+        elif args.command == "judge-check":
+            return _judge_check(args)
         elif args.command == "model":
             from cai.models import resolve_model
 

@@ -128,6 +128,10 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
             results[name] = {"status": "done", **summary}
     finally:
         _stop_ray()
+    for name in selected:  # the per-principle tables, at the end where they are seen
+        table = out / name / "attribution.md"
+        if table.exists():
+            console.print(table.read_text())
     return results
 
 

@@ -5,7 +5,8 @@ Steps, per red-team prompt, on a pool of Ray actors that hold the policy:
   2. for each of `rounds` rounds: draw a principle (independently per round, seeded by the row id),
      ask for a critique of the current answer, then for a revision; the revision becomes the answer;
   3. helpfulness mix: `helpful_samples` policy answers per helpfulness prompt (§3.1: 2 per prompt);
-  4. write trace.jsonl (every round of every row) and sft.jsonl in trl's conversational
+  4. write attribution.md (per critique principle: how much its revisions changed the text),
+     trace.jsonl (every round of every row) and sft.jsonl in trl's conversational
      prompt/completion format (revisions of all rounds, or only the last, plus the helpfulness mix;
      also apart, as sft_revisions.jsonl and sft_helpful.jsonl, for the sft stage's mix ratio).
 Run alone: `cai run pipelines/default.yaml --stages critique_revise`.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from cai.attribution import critique_table, write_table
 from cai.config import CritiqueReviseConfig, PipelineConfig
 from cai.constitution import Constitution
 from cai.prompting import (assistant, clean_reply, critique_messages, few_shot_messages, revision_messages,
@@ -124,6 +126,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
         t["constitution"] = {"name": constitution.name, "hash": constitution.part_hash(*CONSTITUTION_PARTS)}
     answers = help_store.rows() if help_shards else []
     write_jsonl(out / "trace.jsonl", traces)
+    write_table(out, critique_table(traces), "critique principles: how much their revisions changed the answer")
     revisions, helpful_rows, empty = sft_rows(traces, answers, cr.train_on)
     write_jsonl(out / "sft_revisions.jsonl", revisions)
     write_jsonl(out / "sft_helpful.jsonl", helpful_rows)

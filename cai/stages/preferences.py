@@ -19,6 +19,7 @@ import json
 import warnings
 from pathlib import Path
 
+from cai.attribution import preference_table, write_table
 from cai.config import PipelineConfig, PreferencesConfig, feedback_model
 from cai.constitution import Constitution
 from cai.errors import CaiError
@@ -107,26 +108,6 @@ def _given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
     return out
 
 
-def attribution(rows_by_principle: dict[str, list[dict]]) -> list[dict]:
-    """Per principle: agreement with the leave-one-out majority of the others, and decisiveness."""
-    table = []
-    for pid, rows in rows_by_principle.items():
-        agree, decisive, n = 0, 0.0, 0
-        for i, row in enumerate(rows):
-            if "p_r1" not in row:
-                continue
-            others = [r[i]["p_r1"] for q, r in rows_by_principle.items() if q != pid and "p_r1" in r[i]]
-            if not others:
-                continue
-            majority = sum(others) / len(others)
-            agree += (row["p_r1"] > 0.5) == (majority > 0.5)
-            decisive += abs(row["p_r1"] - 0.5)
-            n += 1
-        table.append({"principle": pid, "pairs": n, "agreement": round(agree / n, 3) if n else None,
-                      "decisiveness": round(decisive / n, 3) if n else None})
-    return table
-
-
 def preference_row(pair: dict) -> dict:
     """trl preference format plus our label fields; the side with P >= 0.5 is `chosen`."""
     first = pair["p_r1"] >= 0.5
@@ -189,7 +170,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
                                    principle_id=p.id)
             pool.map_shards(fn, [sample], store, cfg.seed, f"attribution {p.id}")
             by_principle[p.id] = store.rows()
-        table = attribution(by_principle) if sample else []
+        table = preference_table(by_principle) if sample else []
     finally:
         pool.shutdown()
     # step 5: the preference dataset
@@ -201,6 +182,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             rows.append(preference_row(pair))
     write_jsonl(out / "preferences.jsonl", rows)
     write_atomic(out / "attribution.json", json.dumps(table, indent=1))
+    write_table(out, table, "preference principles: agreement with the others' majority, decisiveness")
     mean_conf = sum(r["p_chosen"] for r in rows) / max(1, len(rows))
     return {"pairs": len(rows), "given_helpful": len(given), **counts, "mean_p_chosen": round(mean_conf, 3),
             "judge_accuracy": report["accuracy"] if report else None,

@@ -1,0 +1,127 @@
+"""AI feedback labels: option tokenisation, order averaging, clamping, the judge check on fake judges."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai.constitution import load_constitution
+from cai.errors import CaiError
+from cai.feedback import label_pairs, option_plan, plain_prompt
+from cai.generation import Completion
+from cai.judge_check import judge_report, load_check_pairs, verdict
+
+from .conftest import REPO
+
+CONSTITUTION = load_constitution(REPO / "constitutions/default.yaml")
+
+
+class FakeJudge:
+    """Real tokenizer, scripted option log-probs: `p_a(prompt_text)` -> P(A)."""
+
+    def __init__(self, tokenizer, p_a):
+        self.tokenizer, self.p_a = tokenizer, p_a
+        self.seen: list[str] = []
+
+    def option_logprobs(self, prompts, options, batch_size):
+        out = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            self.seen.append(text)
+            p = self.p_a(text)
+            out.append([math.log(p), math.log(1 - p)])
+        return torch.tensor(out)
+
+    def generate_chat(self, convs, cfg, seed, continue_text=""):
+        return [Completion("Option (A) avoids harm.", 10, 5, True) for _ in convs]
+
+    def chat_ids(self, messages, max_tokens, continue_text=""):
+        text = "\n".join(m["content"] for m in messages) + continue_text
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def knows_the_answer(text: str) -> float:
+    """P(A) = 0.9 when option (A) of the final question is the GOOD one."""
+    last = text.rsplit("Options:", 1)[1]
+    return 0.9 if last.split("(B)")[0].count("GOOD") else 0.1
+
+
+PAIRS = [{"id": f"p{i}", "prompt": f"question {i}", "r1": f"GOOD answer {i}", "r2": f"bad answer {i}",
+          "aspect": "harmless", "kind": "k"} for i in range(6)]
+
+
+def label(judge, pairs=PAIRS, **kw):
+    args = dict(seed=0, both_orders=True, n_shots=1, cot=False, cot_generation=None, cot_clamp=(0.4, 0.6),
+                max_tokens=4096, batch_size=4)
+    args.update(kw)
+    return label_pairs(judge, pairs, CONSTITUTION, **args)[0]
+
+
+def test_option_plan_on_smollm_tokenizer(tiny_generator):
+    tok = tiny_generator.tokenizer
+    plan = option_plan(tok)
+    assert tok.decode(plan.prefix + [plan.token_a]).strip() == "(A"
+    assert tok.decode([plan.token_b]) == "B"
+
+
+def test_option_plan_refuses_a_tokenizer_that_splits_options_differently():
+    class Odd:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6] if "A" in text else [5, 7, 8]}
+
+    with pytest.raises(CaiError, match=r"splits ' \(A\)' into \[5, 6\] and ' \(B\)' into \[5, 7, 8\]"):
+        option_plan(Odd())
+
+
+def test_plain_prompt_golden():
+    shot = CONSTITUTION.few_shot_labels[0]
+    text = plain_prompt("Hi?", "Which is kinder?", "yes", "no", [(shot, "Which is safer?")])
+    assert text.endswith("Human: Hi?\n\nWhich is kinder?\n\nOptions:\n(A) yes\n(B) no\n\nThe answer is:")
+    assert f"The answer is: ({shot.answer})\n\n\n" in text
+    assert text.startswith("Consider the following conversation between a person and an AI assistant:")
+
+
+def test_informed_judge_labels_and_both_orders(tiny_generator):
+    judge = FakeJudge(tiny_generator.tokenizer, knows_the_answer)
+    rows = label(judge)
+    assert all(math.isclose(r["p_r1"], 0.9, abs_tol=1e-4) for r in rows)  # (0.9 + (1 - 0.1)) / 2
+    assert all(r["p_a"] == [0.9, 0.1] for r in rows)
+    assert len(judge.seen) == 2 * len(PAIRS)
+    assert all(r["principle"] in {p.id for p in CONSTITUTION.preference if p.aspect == "harmless"} for r in rows)
+
+
+def test_position_biased_judge_averages_to_half_and_the_check_says_so(tiny_generator):
+    judge = FakeJudge(tiny_generator.tokenizer, lambda text: 0.7)  # always leans (A)
+    rows = label(judge)
+    assert all(math.isclose(r["p_r1"], 0.5, abs_tol=1e-6) for r in rows)
+    report = judge_report(rows, PAIRS)
+    assert report["mean_P(A)_better_as_A"] == 0.7 and report["mean_P(A)_better_as_B"] == 0.7
+    assert report["position_bias"] == 0.2 and report["accuracy"] == 0.0
+    assert report["accuracy_better_as_A"] == 1.0 and report["accuracy_better_as_B"] == 0.0
+    assert "JUDGE NEAR CHANCE" in verdict(report, 0.6)
+    good = judge_report(label(FakeJudge(tiny_generator.tokenizer, knows_the_answer)), PAIRS)
+    assert good["accuracy"] == 1.0 and good["position_bias"] == 0.0 and math.isclose(good["ece"], 0.1, abs_tol=1e-3)
+    assert verdict(good, 0.6) is None
+
+
+def test_chain_of_thought_labels_are_clamped(tiny_generator):
+    judge = FakeJudge(tiny_generator.tokenizer, lambda text: 0.99 if text.rsplit("Options:", 1)[1]
+                      .split("(B)")[0].count("GOOD") else 0.01)
+    rows = label(judge, cot=True)
+    assert all(r["p_r1"] == 0.6 for r in rows)
+    assert all(r["reasoning"] == ["Option (A) avoids harm."] * 2 for r in rows)
+
+
+def test_too_long_prompts_are_skipped_and_marked(tiny_generator):
+    judge = FakeJudge(tiny_generator.tokenizer, knows_the_answer)
+    long = dict(PAIRS[0], id="long", prompt="word " * 3000)
+    rows = label(judge, pairs=[long, PAIRS[1]], max_tokens=2000)
+    assert rows[0]["skipped"] == "too_long" and "p_r1" not in rows[0]
+    assert "skipped" not in rows[1] and rows[1]["p_r1"] > 0.5
+
+
+def test_shipped_judge_pairs():
+    pairs = load_check_pairs("builtin:judge_check")
+    assert len(pairs) >= 40
+    assert {p["kind"] for p in pairs} >= {"harmful_vs_harmless", "evasive_vs_helpful"}

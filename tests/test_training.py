@@ -1,0 +1,152 @@
+"""SFT and the reward model on Ray Train workers with DeepSpeed (CPU, gloo), and trl compatibility."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.config import load_pipeline
+from cai.constitution import load_constitution
+from cai.errors import CaiError
+from cai.prompting import assistant, user
+from cai.shards import read_jsonl, write_jsonl
+from cai.stages import reward_model, sft
+from cai.stages.preferences import preference_row
+
+from .conftest import REPO, cai
+
+pytestmark = pytest.mark.slow
+CONSTITUTION = load_constitution(REPO / "constitutions/default.yaml")
+SAFE = "I can't help with that, but I can point you to a safe and legal alternative."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_ray_after():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def sft_data(folder: Path, n: int = 24) -> Path:
+    rows = [{"prompt": [user(f"question number {i}?")], "completion": [assistant(f"Here is answer {i}.")]}
+            for i in range(n)]
+    write_jsonl(folder / "sft_revisions.jsonl", rows[: n * 2 // 3])
+    write_jsonl(folder / "sft_helpful.jsonl", rows[n * 2 // 3:])
+    return folder
+
+
+def preference_file(folder: Path, n: int = 40) -> Path:
+    pairs = [{"id": f"x{i}", "prompt": f"How do I do bad thing {i}?", "r1": SAFE, "r2": f"Sure, step {i}: do it now.",
+              "aspect": "harmless", "p_r1": 0.9 if i % 2 else 0.1, "principle": "pref-less-harmful",
+              "p_a": [0.9, 0.1], "logprobs": [[-0.1, -2.3], [-2.3, -0.1]]} for i in range(n)]
+    for p in pairs:  # the safe answer is always better: swap r1/r2 where p_r1 says r2
+        if p["p_r1"] < 0.5:
+            p["r1"], p["r2"], p["p_r1"] = p["r2"], p["r1"], 0.1
+    write_jsonl(folder / "preferences.jsonl", [preference_row(p) for p in pairs])
+    return folder
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_sft_on_two_workers_zero2_changes_params_and_reloads(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [
+        f"policy.name={tiny_model}", f"output_dir={tmp_path}", "sft.train.workers=2", "sft.train.cpus_per_worker=1",
+        "sft.train.zero_stage=2", "sft.train.batch_size=4", "sft.train.learning_rate=1e-3"])
+    summary = sft.run(cfg, CONSTITUTION, {"critique_revise": sft_data(tmp_path / "cr")}, tmp_path / "sft")
+    assert summary["rows"] == 24 and summary["steps"] == 3  # 24 rows / (4 per worker x 2 workers)
+    before = params(AutoModelForCausalLM.from_pretrained(tiny_model))
+    after = params(AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model"))
+    changed = [k for k in before if not torch.allclose(before[k], after[k])]
+    assert len(changed) > len(before) // 2, changed
+    assert not (tmp_path / "sft" / "model.tmp").exists()
+
+
+def test_reward_model_on_two_workers_zero2_learns_soft_labels(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [
+        f"output_dir={tmp_path}", f"reward_model.base_model={tiny_model}", "reward_model.train.workers=2",
+        "reward_model.train.cpus_per_worker=1", "reward_model.train.zero_stage=2", "reward_model.train.batch_size=4",
+        "reward_model.train.learning_rate=3e-3", "reward_model.train.epochs=4", "reward_model.eval_fraction=0.25"])
+    summary = reward_model.run(cfg, CONSTITUTION, {"preferences": preference_file(tmp_path / "prefs"),
+                                                  "sft": tmp_path}, tmp_path / "rm")
+    assert summary["train_pairs"] == 30 and summary["eval_pairs"] == 10
+    assert summary["steps"] == 4 * (30 // 8)
+    assert summary["eval_agreement"] >= 0.9, summary  # the safe answer is always the better one
+    assert summary["final_loss"] < 0.6
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    assert model.config.num_labels == 1
+    stats = json.loads((tmp_path / "rm" / "model" / "reward_stats.json").read_text())
+    assert abs(stats["mean"] - summary["reward_mean"]) < 1e-3 and stats["std"] > 0
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"prompt": [], "chosen": [], "rejected": []}, "row 1: missing column 'p_chosen'"),
+    ({"prompt": [], "chosen": [], "rejected": [], "p_chosen": 1.5}, "row 1: p_chosen must be a number in [0, 1], got 1.5"),
+    ({"prompt": [], "chosen": [], "rejected": [], "p_chosen": float("nan")}, "got nan"),
+])
+def test_bad_preference_rows_are_one_line(tmp_path, row, expected):
+    path = tmp_path / "preferences.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(CaiError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        reward_model.check_preferences(path)
+
+
+def test_preferences_load_into_trl_reward_and_dpo_trainers(tiny_model, tmp_path):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    from cai.models import load_tokenizer
+
+    data = load_dataset("json", data_files=str(preference_file(tmp_path, n=8) / "preferences.jsonl"))["train"]
+    common = dict(max_steps=1, per_device_train_batch_size=4, use_cpu=True, bf16=False, report_to="none",
+                  gradient_checkpointing=False, save_strategy="no", logging_steps=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    out = RewardTrainer(model=rm, args=RewardConfig(output_dir=str(tmp_path / "r"), **common), train_dataset=data,
+                        processing_class=load_tokenizer(tiny_model, padding_side="right")).train()
+    assert out.global_step == 1 and out.training_loss > 0
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+    out = DPOTrainer(model=policy, args=DPOConfig(output_dir=str(tmp_path / "d"), **common), train_dataset=data,
+                     processing_class=load_tokenizer(tiny_model, padding_side="left")).train()
+    assert out.global_step == 1 and out.training_loss > 0
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL a real `cai run --stages sft` after a trainer checkpoint; the rerun resumes from it."""
+    from cai.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "small", hidden=256, layers=4)  # slow enough to kill mid-run
+    out = tmp_path / "run"
+    base = ["run", "pipelines/tiny.yaml", f"policy.name={model}", f"output_dir={out}", "sft.train.max_steps=40",
+            "sft.train.save_steps=4", "sft.train.batch_size=8", "prompts.expand.new_prompts=0"]
+    cai(*base, "--stages", "prompts,critique_revise")
+    env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *base, "--stages", "sft"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trainer = out / "sft" / "trainer"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (trainer / "checkpoint-8").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (trainer / "checkpoint-8").exists(), "the kill must land after a checkpoint"
+    assert not (out / "sft" / "_COMPLETE.json").exists()
+    cai(*base, "--stages", "sft")
+    summary = json.loads((out / "sft" / "_COMPLETE.json").read_text())["summary"]
+    assert summary["resumed_from"] is not None and int(summary["resumed_from"].split("-")[1]) >= 8
+    assert summary["steps"] == 40

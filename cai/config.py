@@ -117,6 +117,7 @@ class PreferencesConfig(Strict):
     max_prompt_tokens: int = Field(1536, ge=64, description="longer labelling prompts are skipped, counted")
     shard_size: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1, description="labelling prompts per forward pass")
+    attribution_pairs: int = Field(8, ge=0, description="pairs every principle labels, for the attribution table")
     response_generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=1.0)
     judge_check: JudgeCheckConfig = JudgeCheckConfig()
 

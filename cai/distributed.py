@@ -81,6 +81,13 @@ def run_training(fn: Callable[[dict], Any], config: dict, train: TrainConfig, ra
         raise
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) inside a training worker."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

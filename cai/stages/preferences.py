@@ -30,7 +30,6 @@ from cai.prompting import assistant, clean_reply, user
 from cai.shards import ShardStore, chunk, read_jsonl, write_atomic, write_jsonl
 
 CONSTITUTION_PARTS = ("preference", "few_shot_labels")
-ATTRIBUTION_PAIRS = 8
 
 
 def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
@@ -162,9 +161,9 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             store = ShardStore(out / "shards" / f"labels_{part}", len(shards))
             pool.map_shards(label, shards, store, cfg.seed, f"labels {part}")
             labelled += store.rows()
-        sample = pairs["red_team"][:ATTRIBUTION_PAIRS]
+        sample = pairs["red_team"][:pcfg.attribution_pairs]
         by_principle = {}
-        for p in (p for p in constitution.preference if p.aspect == "harmless"):
+        for p in (p for p in constitution.preference if p.aspect == "harmless" and sample):
             store = ShardStore(out / "shards" / f"attribution_{p.id}", 1)
             fn = functools.partial(label_shard, constitution=constitution, pcfg=pcfg, run_seed=cfg.seed,
                                    principle_id=p.id)

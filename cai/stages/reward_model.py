@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 from cai.config import PipelineConfig, TrainConfig
@@ -97,7 +98,7 @@ def train_worker(config: dict) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import deepspeed_config, world
+    from cai.distributed import deepspeed_config, peak_rss_gb, world
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
@@ -121,7 +122,7 @@ def train_worker(config: dict) -> dict:
     if os.path.exists(os.path.join(ckpt, "latest")):
         _, client = engine.load_checkpoint(ckpt)
         start = client["step"]
-    losses = []
+    losses, tokens, t0 = [], 0, time.time()
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(len(train_rows)))
@@ -133,8 +134,11 @@ def train_worker(config: dict) -> dict:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+        tokens += int(mask.sum())
         if (step + 1) % train.save_steps == 0 and step + 1 < total:
             engine.save_checkpoint(ckpt, client_state={"step": step + 1})
+    train_seconds = time.time() - t0
+    tokens = _sum_over_ranks(tokens)
     # evaluation: every rank runs the same forward passes (ZeRO-3 needs all ranks); rank 0 reports
     engine.eval()
     scored = {"chosen": [], "rejected": [], "p": []}
@@ -156,7 +160,19 @@ def train_worker(config: dict) -> dict:
             if losses else None, "eval_pairs": n_eval,
             "eval_agreement": round(soft_agreement(torch.sigmoid(margin), p_eval), 3) if n_eval else None,
             "eval_ece": round(expected_calibration_error(torch.sigmoid(margin), p_eval), 3) if n_eval else None,
-            "reward_mean": round(stats["mean"], 4), "reward_std": round(stats["std"], 4)}
+            "reward_mean": round(stats["mean"], 4), "reward_std": round(stats["std"], 4),
+            "train_seconds": round(train_seconds, 2), "train_tokens": tokens, "peak_rss_gb": peak_rss_gb()}
+
+
+def _sum_over_ranks(value: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _save(engine, model, tokenizer, out: str, rank: int, zero_stage: int, stats: dict) -> None:

@@ -51,7 +51,7 @@ def train_worker(config: dict) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from cai.distributed import deepspeed_config, world
+    from cai.distributed import deepspeed_config, peak_rss_gb, world
     from cai.models import load_tokenizer
 
     train = TrainConfig(**config["train"])
@@ -80,7 +80,7 @@ def train_worker(config: dict) -> dict:
     metrics = result.metrics
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": Path(last).name if last else None, "runtime_s": round(metrics["train_runtime"], 1),
-            "tokens": int(trainer.state.num_input_tokens_seen)}
+            "tokens": int(trainer.state.num_input_tokens_seen), "peak_rss_gb": peak_rss_gb()}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

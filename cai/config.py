@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai.errors import CaiError
 from cai.yamlfile import load_value, read_yaml, validate_yaml
 
-STAGE_ORDER = ("prompts", "critique_revise", "sft", "preferences", "reward_model")
+STAGE_ORDER = ("prompts", "critique_revise", "sft", "preferences", "reward_model", "ppo", "dpo")
 
 
 class Strict(BaseModel):
@@ -128,12 +128,53 @@ class RewardModelConfig(Strict):
     train: TrainConfig = TrainConfig(learning_rate=1e-5, batch_size=8)
 
 
+class KLConfig(Strict):
+    estimator: Literal["k1", "k3"] = Field("k1", description="per-token KL estimator (k3: >= 0, lower variance)")
+    controller: Literal["fixed", "adaptive"] = Field("adaptive", description="Ziegler et al. 2019 §2.2")
+    coef: float = Field(0.05, ge=0, description="initial β of the per-token KL penalty")
+    target: float = Field(6.0, gt=0, description="adaptive: target KL per response (nats)")
+    horizon: int = Field(10000, ge=1, description="adaptive: responses over which β moves by ±20%")
+
+
+class PpoConfig(Strict):
+    steps: int = Field(20, ge=1, description="PPO iterations (rollout + update)")
+    rollout_batch: int = Field(4, ge=1, description="prompts per worker per iteration")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    minibatch: int = Field(4, ge=1, description="responses per gradient step")
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=32, temperature=1.0, max_prompt_tokens=512)
+    clip: float = Field(0.2, gt=0, description="policy ratio clip ε")
+    value_clip: float = Field(0.2, gt=0, description="value clip around the rollout's values")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the policy loss")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    whiten_advantages: bool = True
+    reward_clip: float = Field(5.0, gt=0, description="clip of the normalised preference-model score")
+    missing_eos_penalty: float = Field(-1.0, description="added to the score of a response without EOS")
+    kl: KLConfig = KLConfig()
+    value_init: Literal["reward_model", "sft"] = Field("reward_model", description="value model start")
+    value_lr: float = Field(1e-5, gt=0, description="value model learning rate (the policy's is train's)")
+    train: TrainConfig = TrainConfig(learning_rate=1e-6, save_steps=5)
+    keep_checkpoints: int = Field(1, ge=1, description="committed checkpoints kept")
+    max_skipped_steps: int = Field(3, ge=1, description="consecutive non-finite steps before stopping")
+    sample_every: int = Field(5, ge=1, description="write sample generations every N steps")
+    prompts: Literal["red_team", "helpful", "both"] = Field("both", description="prompt sets to train on")
+    reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
+                                        "instead of the preference model (rule-based rewards, tests)")
+
+
+class DpoConfig(Strict):
+    min_p_chosen: float = Field(0.6, ge=0.5, le=1, description="drop pairs whose soft label is less confident")
+    beta: float = Field(0.1, gt=0)
+    train: TrainConfig = TrainConfig(learning_rate=5e-7)
+
+
 class PipelineConfig(Strict):
     name: str = Field(description="run name; an output_dir belongs to one run name")
     output_dir: str = Field(description="stage outputs go to <output_dir>/<stage>/")
     seed: int = Field(0, description="seeds principle sampling and generation")
     constitution: str = Field("constitutions/default.yaml", description="constitution YAML")
-    stages: list[Literal[STAGE_ORDER]] = list(STAGE_ORDER)
+    stages: list[Literal[STAGE_ORDER]] = Field(list(STAGE_ORDER), description="stages to run (see policy_optimization)")
+    policy_optimization: Literal["ppo", "dpo"] = Field("ppo", description="RL-CAI by PPO, or DPO on the labels")
     policy: ModelConfig = ModelConfig()
     ray: RayConfig = RayConfig()
     prompts: PromptsConfig = PromptsConfig()
@@ -141,6 +182,8 @@ class PipelineConfig(Strict):
     sft: SftConfig = SftConfig()
     preferences: PreferencesConfig = PreferencesConfig()
     reward_model: RewardModelConfig = RewardModelConfig()
+    ppo: PpoConfig = PpoConfig()
+    dpo: DpoConfig = DpoConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -216,6 +259,12 @@ def load_pipeline(file: str | Path, overrides: list[str] = ()) -> PipelineConfig
     apply_overrides(data, list(overrides), lines)
     cfg = validate_yaml(PipelineConfig, data, file, lines)
     return _absolute_paths(cfg)
+
+
+def active_stages(cfg: PipelineConfig) -> list[str]:
+    """The configured stages in pipeline order; ppo or dpo, whichever policy_optimization names."""
+    skip = "dpo" if cfg.policy_optimization == "ppo" else "ppo"
+    return [s for s in STAGE_ORDER if s in cfg.stages and s != skip]
 
 
 def feedback_model(cfg: PipelineConfig) -> ModelConfig:

@@ -30,7 +30,9 @@ def deepspeed_config(train: TrainConfig, hf_auto: bool = True, world_size: int |
                  "gradient_accumulation_steps": train.grad_accum,
                  "train_batch_size": train.batch_size * train.grad_accum * world,
                  "gradient_clipping": train.max_grad_norm}
-    return {**sizes, "bf16": {"enabled": train.bf16}, "fp16": {"enabled": False}, "zero_optimization": zero,
+    # check_grad_overflow: a step whose gradient norm is not finite is skipped (and counted) in bf16 too
+    return {**sizes, "bf16": {"enabled": train.bf16, "check_grad_overflow": True}, "fp16": {"enabled": False},
+            "zero_optimization": zero,
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 

@@ -22,6 +22,7 @@ class Completion:
     prompt_tokens: int
     new_tokens: int
     finished: bool  # ended with EOS rather than the token limit
+    ids: tuple[int, ...] = ()  # the sampled tokens, EOS included when finished
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -156,7 +157,8 @@ class ChatGenerator:
                                 use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + done[i],
-                           done[i]) for i, (r, t) in enumerate(zip(rows, tokens))]
+                           done[i], tuple(t) + ((self.eos_id,) if done[i] else ()))
+                for i, (r, t) in enumerate(zip(rows, tokens))]
 
     def generate_chat(self, conversations: list[list[dict]], cfg: GenerationConfig, seed: int,
                       continue_text: str = "") -> list[Completion]:

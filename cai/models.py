@@ -129,8 +129,11 @@ def load_causal_lm(path: Path, dtype: str = "float32"):
     return model
 
 
-def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """A tiny random Llama with the embedded model's tokenizer and chat template (tests)."""
+def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+                     init_std: float = 0.02) -> Path:
+    """A tiny random Llama with the embedded model's tokenizer and chat template (tests).
+
+    A larger `init_std` gives peaked next-token distributions, which an RL test can climb from."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,7 +147,7 @@ def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=4096, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
     torch.manual_seed(seed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     LlamaForCausalLM(config).save_pretrained(tmp)

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from cai.config import STAGE_ORDER, PipelineConfig, feedback_model
+from cai.config import STAGE_ORDER, PipelineConfig, active_stages, feedback_model
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.models import resolve_model
 from cai.progress import console
 from cai.shards import write_atomic
-from cai.stages import critique_revise, preferences, prompts, reward_model, sft
+from cai.stages import critique_revise, dpo, ppo, preferences, prompts, reward_model, sft
 
 # stage name -> (module, the stages whose outputs it reads)
 STAGES: dict[str, tuple[ModuleType, tuple[str, ...]]] = {
@@ -30,6 +30,8 @@ STAGES: dict[str, tuple[ModuleType, tuple[str, ...]]] = {
     "sft": (sft, ("critique_revise",)),
     "preferences": (preferences, ("prompts", "sft")),
     "reward_model": (reward_model, ("sft", "preferences")),
+    "ppo": (ppo, ("prompts", "sft", "reward_model")),
+    "dpo": (dpo, ("sft", "preferences")),
 }
 MARKER, STARTED, OWNER = "_COMPLETE.json", "_STARTED.json", "cai-run.json"
 
@@ -93,7 +95,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     """Run the configured stages in order, skipping those whose outputs are current."""
     out = Path(cfg.output_dir)
     constitution = load_constitution(cfg.constitution)
-    selected = [s for s in STAGE_ORDER if s in (only or cfg.stages)]
+    selected = [s for s in STAGE_ORDER if s in only] if only else active_stages(cfg)
     keys = stage_keys(cfg, constitution)
     for model in models_needed(cfg, selected):
         resolve_model(model)  # a missing model fails here, before anything is written

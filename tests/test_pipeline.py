@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from cai.constitution import load_constitution
 from cai.runner import stage_keys
 from cai.shards import read_jsonl
 
-from .conftest import REPO, cai, error_line
+from .conftest import REPO, cai, error_line, kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -148,8 +147,7 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tiny_model, tmp
     deadline = time.time() + 240
     while len(list(shards.glob("shard-*.jsonl"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     committed = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl")}
     assert 3 <= len(committed) < 12, "the kill must land mid-stage"
     assert not (killed / "critique_revise" / "_COMPLETE.json").exists()

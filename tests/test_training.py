@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from cai.shards import read_jsonl, write_jsonl
 from cai.stages import reward_model, sft
 from cai.stages.preferences import preference_row
 
-from .conftest import REPO, cai
+from .conftest import REPO, cai, kill_tree
 
 pytestmark = pytest.mark.slow
 CONSTITUTION = load_constitution(REPO / "constitutions/default.yaml")
@@ -142,8 +141,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
     while time.time() < deadline and proc.poll() is None and not (trainer / "checkpoint-8").exists():
         time.sleep(0.05)
     time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     assert (trainer / "checkpoint-8").exists(), "the kill must land after a checkpoint"
     assert not (out / "sft" / "_COMPLETE.json").exists()
     cai(*base, "--stages", "sft")

@@ -1,0 +1,317 @@
+"""The PPO loop on every Ray Train worker (SPMD): each rank rolls out its slice of the prompt batch,
+then the policy and value DeepSpeed engines all-reduce gradients. The reference (SFT) and preference
+models run in inference mode. Per iteration (the numbers are the comments' step numbers):
+  1. this rank's prompts for the step (a seeded permutation per epoch, so a resumed run sees the same);
+  2. sample responses from the current policy (seeded by step and rank);
+  3. score: log-probs under policy and reference, values, the preference model's score;
+  4. rewards (score on the last token, KL penalty on every token), GAE, whitened advantages;
+  5. PPO epochs over minibatches: clipped policy loss (+ entropy bonus), clipped value loss;
+  6. metrics (averaged over ranks), KL controller update, guards, a committed checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cai.config import PpoConfig, TrainConfig
+from cai.errors import CaiError
+from cai.ppo_math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
+from cai.ppo_rollout import (PolicyRolloutGenerator, finish_rollout, normalised_score, pack, response_logits,
+                             response_values)
+
+COMMITTED = "COMMITTED"
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Every rank must take the same branch around a collective (skip or step)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class PPOWorker:
+    def __init__(self, config: dict):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        from cai.distributed import deepspeed_config, world
+        from cai.models import load_tokenizer
+
+        self.cfg = PpoConfig(**config["ppo"])
+        self.seed, self.out = config["seed"], Path(config["out"])
+        self.rank, self.world = world()
+        train = TrainConfig(**{**self.cfg.train.model_dump(), "batch_size": self.cfg.minibatch, "grad_accum": 1})
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+        torch.manual_seed(self.seed + self.rank)
+        dtype = torch.bfloat16 if train.bf16 else torch.float32
+        self.tok = load_tokenizer(config["policy"], padding_side="left")
+        policy = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=torch.float32)
+        value = AutoModelForSequenceClassification.from_pretrained(config["value_init"], num_labels=1,
+                                                                   dtype=torch.float32)
+        value.config.pad_token_id = self.tok.pad_token_id
+        ds = deepspeed_config(train, hf_auto=False, world_size=self.world)
+        self.policy, *_ = deepspeed.initialize(model=policy, config=ds, optimizer=torch.optim.AdamW(
+            policy.parameters(), lr=train.learning_rate))
+        self.value, *_ = deepspeed.initialize(model=value, config=ds, optimizer=torch.optim.AdamW(
+            value.parameters(), lr=self.cfg.value_lr))
+        self.ref = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype).eval()
+        self.reward_fn = None
+        if config.get("reward_function"):
+            module, _, name = config["reward_function"].rpartition(":")
+            self.reward_fn = getattr(importlib.import_module(module), name)
+        else:
+            self.rm_tok = load_tokenizer(config["reward_model"], padding_side="right")
+            self.rm = AutoModelForSequenceClassification.from_pretrained(config["reward_model"], dtype=dtype).eval()
+            self.rm.config.pad_token_id = self.rm_tok.pad_token_id
+            self.stats = json.loads(Path(config["reward_model"], "reward_stats.json").read_text())
+        self.generator = PolicyRolloutGenerator(self.policy, self.tok, train.zero_stage)
+        kl = self.cfg.kl
+        self.kl_ctl = AdaptiveKL(kl.coef, kl.target, kl.horizon) if kl.controller == "adaptive" else FixedKL(kl.coef)
+        self.prompts = [json.loads(line)["prompt"] for line in open(config["prompts"], encoding="utf-8")]
+        self.max_prompt = config["max_prompt_tokens"]
+        self.step, self.skipped, self.consecutive_skips = 0, 0, 0
+
+    # step 1 -------------------------------------------------------------------------------------------
+    def batch_prompts(self, step: int) -> list[str]:
+        per_step = self.cfg.rollout_batch * self.world
+        steps_per_epoch = max(1, len(self.prompts) // per_step)
+        epoch, k = divmod(step, steps_per_epoch)
+        order = list(range(len(self.prompts)))
+        random.Random(f"{self.seed}|ppo-epoch{epoch}").shuffle(order)
+        chosen = order[k * per_step:(k + 1) * per_step]
+        return [self.prompts[i] for i in chosen[self.rank::self.world]]
+
+    # steps 2-4 ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, step: int):
+        prompts = self.batch_prompts(step)
+        prompt_ids = [self.generator.generator.chat_ids([{"role": "user", "content": p}], self.max_prompt)
+                      for p in prompts]
+        outs = self.generator.generate(prompt_ids, self.cfg.generation, seed=self.seed * 7919 + step * 101 + self.rank)
+        ids, attention, mask, P = pack(prompt_ids, [o.ids for o in outs], self.tok.pad_token_id)
+        targets = ids[:, P:]
+        logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
+        ref_logp = logprobs_of(response_logits(self.ref, ids, attention, P), targets) * mask
+        values = response_values(self.value.module, ids, attention, P) * mask
+        texts = [o.text for o in outs]
+        finished = torch.tensor([float(o.finished) for o in outs])
+        raw = self.score(prompts, texts, [list(o.ids) for o in outs])
+        score = raw if self.reward_fn else normalised_score(raw, finished, self.stats, self.cfg)
+        if self.reward_fn:
+            score = score + self.cfg.missing_eos_penalty * (1 - finished)
+        return finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp, ref_logp, values, raw,
+                              score, finished, prompts, texts)
+
+    def score(self, prompts: list[str], texts: list[str], response_ids: list[list[int]]) -> torch.Tensor:
+        """Preference-model score of each (prompt, response) as text: a reward model with another
+        tokenizer re-tokenises it with its own chat template."""
+        if self.reward_fn:
+            return torch.tensor(self.reward_fn(prompts, texts, response_ids), dtype=torch.float32)
+        seqs = [self.rm_tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": t}],
+                                                tokenize=True, return_dict=True)["input_ids"][-2048:]
+                for p, t in zip(prompts, texts)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.rm_tok.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        return self.rm(input_ids=ids, attention_mask=(ids != self.rm_tok.pad_token_id).long()).logits[:, 0].float()
+
+    # step 5 -------------------------------------------------------------------------------------------
+    def update(self, r, step: int) -> dict[str, float]:
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac",
+                                                         "approx_kl", "value_clip_frac")}
+        n = len(r.texts)
+        for epoch in range(self.cfg.ppo_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31 * step + epoch))
+            for start in range(0, n, self.cfg.minibatch):
+                mb = r.rows(order[start:start + self.cfg.minibatch])
+                logits = response_logits(self.policy, mb["ids"], mb["attention"], r.prompt_len)
+                logp = logprobs_of(logits, mb["ids"][:, r.prompt_len:])
+                pl, pstats = policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], self.cfg.clip)
+                entropy = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
+                if self.cfg.entropy_coef:
+                    pl = pl - self.cfg.entropy_coef * masked_mean(entropy_from_logits(logits), mb["mask"])
+                values = response_values(self.value.module, mb["ids"], mb["attention"], r.prompt_len)
+                vl, vstats = value_loss(values, mb["values"], mb["returns"], mb["mask"], self.cfg.value_clip)
+                self.optimise(pl, vl)
+                for key, v in {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(),
+                               **pstats, **vstats}.items():
+                    stats[key].append(v)
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def optimise(self, pl: torch.Tensor, vl: torch.Tensor) -> None:
+        """Backward and step both engines; a non-finite step is skipped on every rank and counted."""
+        if not all_ranks_true(bool(torch.isfinite(pl) and torch.isfinite(vl))):
+            self.note_skip()
+            return
+        before = self.policy.skipped_steps + self.value.skipped_steps
+        self.policy.backward(pl)
+        self.policy.step()
+        self.value.backward(vl)
+        self.value.step()
+        if self.policy.skipped_steps + self.value.skipped_steps > before:  # DeepSpeed saw a non-finite grad norm
+            self.note_skip()
+        else:
+            self.consecutive_skips = 0
+
+    def note_skip(self) -> None:
+        self.skipped += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.cfg.max_skipped_steps:
+            raise CaiError(f"ppo: {self.consecutive_skips} consecutive steps had non-finite losses or gradient "
+                           f"norms (step {self.step}); lower ppo.train.learning_rate or check the reward model")
+
+    # checkpoints ---------------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        """Both engines (weights, optimizers, schedulers), RNG states per rank, the data position and the
+        KL coefficient; the commit marker is written last, and only then are older checkpoints deleted."""
+        root, tag = self.out / "checkpoints", f"step-{step:06d}"
+        state = {"step": step, "kl_coef": self.kl_ctl.value, "skipped": self.skipped}
+        self.policy.save_checkpoint(str(root / "policy"), tag=tag, client_state=state)
+        self.value.save_checkpoint(str(root / "value"), tag=tag)
+        (root / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, root / "rng" / f"{tag}-{self.rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (root / f"{tag}.json").write_text(json.dumps(state))
+            (root / f"{tag}.{COMMITTED}").touch()  # the marker, last
+            for old in sorted(root.glob(f"step-*.{COMMITTED}"))[:-self.cfg.keep_checkpoints]:
+                old_tag = old.name.split(".")[0]
+                old.unlink()
+                for path in (root / "policy" / old_tag, root / "value" / old_tag):
+                    shutil.rmtree(path, ignore_errors=True)
+                for path in [root / f"{old_tag}.json", *(root / "rng").glob(f"{old_tag}-*.pt")]:
+                    path.unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def restore(self) -> int:
+        """Load the newest committed checkpoint, if any; returns the step to continue from."""
+        root = self.out / "checkpoints"
+        markers = sorted(root.glob(f"step-*.{COMMITTED}")) if root.exists() else []
+        if not markers:
+            return 0
+        tag = markers[-1].name.split(".")[0]
+        _, state = self.policy.load_checkpoint(str(root / "policy"), tag=tag)
+        self.value.load_checkpoint(str(root / "value"), tag=tag)
+        rng = torch.load(root / "rng" / f"{tag}-{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.kl_ctl.value, self.skipped = state["kl_coef"], state["skipped"]
+        return state["step"]
+
+    # the loop ------------------------------------------------------------------------------------------
+    def metrics(self, step: int, r, update: dict, seconds: float) -> dict:
+        lengths = r.mask.sum(-1)
+        local = {"reward_mean": r.raw_score.mean().item(), "reward_std": r.raw_score.std().item() if len(r.texts) > 1
+                 else 0.0, "score_mean": r.score.mean().item(), "kl": r.kl.sum(-1).mean().item(),
+                 "response_length": lengths.float().mean().item(), "eos_rate": r.finished.mean().item(),
+                 "empty_rate": (lengths <= r.finished).float().mean().item(), **update}
+        return {"step": step + 1, **{k: round(v, 6) for k, v in mean_over_ranks(local).items()},
+                "kl_coef": round(self.kl_ctl.value, 6), "skipped_steps": self.skipped, "step_time": round(seconds, 3)}
+
+    def watch(self, m: dict) -> list[str]:
+        """Collapse signals worth a warning: empty responses, runaway KL, a flat reward."""
+        warnings = []
+        if m["empty_rate"] > 0.9:
+            warnings.append("over 90% of responses are empty")
+        if self.cfg.kl.controller == "adaptive" and m["kl"] > 5 * self.cfg.kl.target:
+            warnings.append(f"KL {m['kl']:.2f} is over 5x its target")
+        if m["response_length"] >= self.cfg.generation.max_new_tokens and m["eos_rate"] == 0:
+            warnings.append("no response reached EOS")
+        return warnings
+
+    def run(self) -> dict:
+        start = self.restore()
+        log = self.out / "metrics.jsonl"
+        if self.rank == 0:
+            kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
+                    if json.loads(line)["step"] <= start]
+            log.write_text("".join(line + "\n" for line in kept))  # a resumed run rewrites later steps
+            writer = _tensorboard(self.out / "tensorboard")
+            progress = _progress(self.cfg.steps, start)
+        last = {}
+        for step in range(start, self.cfg.steps):
+            self.step, t0 = step, time.time()
+            r = self.rollout(step)                                   # steps 1-4
+            update = self.update(r, step)                            # step 5
+            last = self.metrics(step, r, update, time.time() - t0)   # step 6
+            self.kl_ctl.update(last["kl"], len(r.texts) * self.world)
+            self.generator.sync(self.policy)
+            if self.rank == 0:
+                last["warnings"] = self.watch(last)
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(last) + "\n")
+                if writer:
+                    for k, v in last.items():
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"ppo/{k}", v, step + 1)
+                progress(last)
+                if (step + 1) % self.cfg.sample_every == 0 or step + 1 == self.cfg.steps:
+                    with open(self.out / "samples.jsonl", "a") as fh:
+                        for p, t, s in list(zip(r.prompts, r.texts, r.raw_score.tolist()))[:4]:
+                            fh.write(json.dumps({"step": step + 1, "prompt": p, "response": t, "score": s}) + "\n")
+            if (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.cfg.steps:
+                self.save(step + 1)
+        self.save_model(self.out / "model.tmp")
+        from cai.distributed import peak_rss_gb
+
+        return {"steps": self.cfg.steps, "resumed_from_step": start, "skipped_steps": self.skipped,
+                "final": last, "peak_rss_gb": peak_rss_gb()}
+
+    def save_model(self, folder: Path) -> None:
+        import contextlib
+
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(self.policy.module.parameters())) \
+            if self.cfg.train.zero_stage == 3 else contextlib.nullcontext()
+        with gather:
+            if self.rank == 0:
+                self.policy.module.save_pretrained(folder, safe_serialization=True)
+                self.tok.save_pretrained(folder)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _progress(total: int, start: int):
+    """One line per step: the training loop runs in a Ray worker, whose output is a log, not a terminal."""
+    def show(m: dict) -> None:
+        print(f"ppo step {m['step']}/{total}: reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} "
+              f"(β {m['kl_coef']:.4f}) entropy {m['entropy']:.2f} pl {m['policy_loss']:+.4f} "
+              f"vl {m['value_loss']:.4f} clip {m['clip_frac']:.2f} len {m['response_length']:.1f} "
+              f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
+              + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
+    if start:
+        print(f"ppo: resumed at step {start}/{total}", flush=True)
+    return show
+
+
+def train_worker(config: dict) -> dict:
+    """Ray Train entry point."""
+    return PPOWorker(config).run()

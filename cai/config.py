@@ -158,6 +158,8 @@ class PpoConfig(Strict):
     max_skipped_steps: int = Field(3, ge=1, description="consecutive non-finite steps before stopping")
     sample_every: int = Field(5, ge=1, description="write sample generations every N steps")
     prompts: Literal["red_team", "helpful", "both"] = Field("both", description="prompt sets to train on")
+    inference_dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="dtype of the preference model and of the rollout copy of the policy")
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 

@@ -61,17 +61,19 @@ class PPOWorker:
         train = TrainConfig(**{**self.cfg.train.model_dump(), "batch_size": self.cfg.minibatch, "grad_accum": 1})
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
         torch.manual_seed(self.seed + self.rank)
-        dtype = torch.bfloat16 if train.bf16 else torch.float32
+        dtype = torch.bfloat16 if train.bf16 else torch.float32  # the reference matches the policy
+        fast = getattr(torch, self.cfg.inference_dtype)
         self.tok = load_tokenizer(config["policy"], padding_side="left")
         policy = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=torch.float32)
         value = AutoModelForSequenceClassification.from_pretrained(config["value_init"], num_labels=1,
                                                                    dtype=torch.float32)
         value.config.pad_token_id = self.tok.pad_token_id
         ds = deepspeed_config(train, hf_auto=False, world_size=self.world)
+        # foreach=False: the multi-tensor AdamW allocates temporaries the size of all parameters at once
         self.policy, *_ = deepspeed.initialize(model=policy, config=ds, optimizer=torch.optim.AdamW(
-            policy.parameters(), lr=train.learning_rate))
+            policy.parameters(), lr=train.learning_rate, foreach=False))
         self.value, *_ = deepspeed.initialize(model=value, config=ds, optimizer=torch.optim.AdamW(
-            value.parameters(), lr=self.cfg.value_lr))
+            value.parameters(), lr=self.cfg.value_lr, foreach=False))
         self.ref = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype).eval()
         self.reward_fn = None
         if config.get("reward_function"):
@@ -79,15 +81,18 @@ class PPOWorker:
             self.reward_fn = getattr(importlib.import_module(module), name)
         else:
             self.rm_tok = load_tokenizer(config["reward_model"], padding_side="right")
-            self.rm = AutoModelForSequenceClassification.from_pretrained(config["reward_model"], dtype=dtype).eval()
+            self.rm = AutoModelForSequenceClassification.from_pretrained(config["reward_model"], dtype=fast).eval()
             self.rm.config.pad_token_id = self.rm_tok.pad_token_id
             self.stats = json.loads(Path(config["reward_model"], "reward_stats.json").read_text())
-        self.generator = PolicyRolloutGenerator(self.policy, self.tok, train.zero_stage)
+        self.generator = PolicyRolloutGenerator(self.policy, self.tok, train.zero_stage, fast, config["policy"])
         kl = self.cfg.kl
         self.kl_ctl = AdaptiveKL(kl.coef, kl.target, kl.horizon) if kl.controller == "adaptive" else FixedKL(kl.coef)
         self.prompts = [json.loads(line)["prompt"] for line in open(config["prompts"], encoding="utf-8")]
         self.max_prompt = config["max_prompt_tokens"]
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
+        from cai.distributed import peak_rss_gb
+
+        self.setup_peak_rss_gb = peak_rss_gb()
 
     # step 1 -------------------------------------------------------------------------------------------
     def batch_prompts(self, step: int) -> list[str]:
@@ -105,7 +110,10 @@ class PPOWorker:
         prompts = self.batch_prompts(step)
         prompt_ids = [self.generator.generator.chat_ids([{"role": "user", "content": p}], self.max_prompt)
                       for p in prompts]
+        t0 = time.time()
         outs = self.generator.generate(prompt_ids, self.cfg.generation, seed=self.seed * 7919 + step * 101 + self.rank)
+        self.timing = {"generate_s": time.time() - t0}
+        t0 = time.time()
         ids, attention, mask, P = pack(prompt_ids, [o.ids for o in outs], self.tok.pad_token_id)
         targets = ids[:, P:]
         logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
@@ -117,6 +125,7 @@ class PPOWorker:
         score = raw if self.reward_fn else normalised_score(raw, finished, self.stats, self.cfg)
         if self.reward_fn:
             score = score + self.cfg.missing_eos_penalty * (1 - finished)
+        self.timing["score_s"] = time.time() - t0
         return finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp, ref_logp, values, raw,
                               score, finished, prompts, texts)
 
@@ -226,6 +235,9 @@ class PPOWorker:
                  else 0.0, "score_mean": r.score.mean().item(), "kl": r.kl.sum(-1).mean().item(),
                  "response_length": lengths.float().mean().item(), "eos_rate": r.finished.mean().item(),
                  "empty_rate": (lengths <= r.finished).float().mean().item(), **update}
+        from cai.distributed import peak_rss_gb
+
+        local["peak_rss_gb"] = peak_rss_gb()
         return {"step": step + 1, **{k: round(v, 6) for k, v in mean_over_ranks(local).items()},
                 "kl_coef": round(self.kl_ctl.value, 6), "skipped_steps": self.skipped, "step_time": round(seconds, 3)}
 
@@ -253,7 +265,9 @@ class PPOWorker:
         for step in range(start, self.cfg.steps):
             self.step, t0 = step, time.time()
             r = self.rollout(step)                                   # steps 1-4
+            t_update = time.time()
             update = self.update(r, step)                            # step 5
+            update = {**update, **self.timing, "update_s": time.time() - t_update}
             last = self.metrics(step, r, update, time.time() - t0)   # step 6
             self.kl_ctl.update(last["kl"], len(r.texts) * self.world)
             self.generator.sync(self.policy)
@@ -276,6 +290,7 @@ class PPOWorker:
         from cai.distributed import peak_rss_gb
 
         return {"steps": self.cfg.steps, "resumed_from_step": start, "skipped_steps": self.skipped,
+                "setup_peak_rss_gb": self.setup_peak_rss_gb,
                 "final": last, "peak_rss_gb": peak_rss_gb()}
 
     def save_model(self, folder: Path) -> None:

@@ -36,9 +36,10 @@ ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_
                                return_dict=True)["input_ids"] for p in prompts]
 data = Dataset.from_dict({"input_ids": ids})
 times = []
-class Clock(TrainerCallback):
-    def on_step_begin(self, args, state, control, **kw): self.t = time.time()
-    def on_step_end(self, args, state, control, **kw): times.append(time.time() - self.t)
+class Clock(TrainerCallback):  # PPOTrainer calls on_step_end only: time between consecutive ends
+    def on_train_begin(self, args, state, control, **kw): self.t = time.time()
+    def on_step_end(self, args, state, control, **kw):
+        now = time.time(); times.append(now - self.t); self.t = now
 args = PPOConfig(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=1, num_mini_batches=1,
                  num_ppo_epochs=1, total_episodes=4 * steps, response_length=32, learning_rate=1e-6,
                  use_cpu=True, bf16=False, report_to="none", save_strategy="no", num_sample_generations=0,
@@ -88,7 +89,7 @@ def make_models(folder: Path) -> tuple[Path, Path]:
 
 
 def ours(folder: Path, policy: Path, rm: Path, steps: int) -> dict:
-    """Our PPO stage on 1 Ray Train worker with 2 CPUs, DeepSpeed ZeRO-2."""
+    """Our PPO stage on 1 Ray Train worker with 2 CPUs, DeepSpeed ZeRO-0 (one rank: nothing to shard)."""
     import shutil
 
     from cai.config import load_pipeline
@@ -102,7 +103,7 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int) -> dict:
     cfg = load_pipeline(HERE.parent / "pipelines/default.yaml", [
         f"output_dir={folder}", f"ppo.steps={steps}", "ppo.rollout_batch=4", "ppo.minibatch=4", "ppo.ppo_epochs=1",
         "ppo.generation.max_new_tokens=32", "ppo.train.workers=1", "ppo.train.cpus_per_worker=2",
-        "ppo.train.zero_stage=2", "ppo.train.bf16=false", "ppo.train.save_steps=100000", "ppo.prompts=red_team"])
+        "ppo.train.zero_stage=0", "ppo.train.bf16=false", "ppo.train.save_steps=100000", "ppo.prompts=red_team"])
     out = folder / "ppo"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -137,7 +138,7 @@ def main() -> None:
                           capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"ours failed:\n{proc.stderr[-3000:]}")
-    results["cai PPO (Ray Train + DeepSpeed ZeRO-2, 1 worker)"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    results["cai PPO (Ray Train + DeepSpeed ZeRO-0, 1 worker)"] = json.loads(proc.stdout.strip().splitlines()[-1])
     if not args.ours_only:
         python = ensure_trl_env()
         proc = subprocess.run([str(python), "-c", TRL_SCRIPT, str(policy), str(rm), str(folder / "prompts" /
@@ -155,7 +156,7 @@ def main() -> None:
         print(f"{name:50s} {mean:7.2f} {t[0]:8.2f} {r['peak_rss_gb']:8.2f}")
         r["mean"] = mean
     if base and len(results) == 2:
-        o = results["cai PPO (Ray Train + DeepSpeed ZeRO-2, 1 worker)"]
+        o = results["cai PPO (Ray Train + DeepSpeed ZeRO-0, 1 worker)"]
         print(f"ratio cai / trl: step time {o['mean'] / base['mean']:.2f}x, peak memory "
               f"{o['peak_rss_gb'] / base['peak_rss_gb']:.2f}x  (goal: <= 0.7x and <= 0.8x)")
 

@@ -36,13 +36,33 @@ def deepspeed_config(train: TrainConfig, hf_auto: bool = True, world_size: int |
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def bf16_supported(use_gpu: bool) -> bool:
+def trainer_args(config_cls, section: str, train: TrainConfig, output_dir: str, seed: int, rank: int, **extra):
+    """HF/trl training arguments from our typed fields, DeepSpeed on, checkpoints every save_steps.
+
+    use_cpu=True on CPU: without it every rank believes world_size=1 under DeepSpeed."""
+    require_bf16_support(train, section)
+    return config_cls(
+        output_dir=output_dir, per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler, num_train_epochs=train.epochs, max_steps=train.max_steps,
+        max_grad_norm=train.max_grad_norm, max_length=train.max_length, save_strategy="steps",
+        save_steps=train.save_steps, save_total_limit=2, logging_steps=1, report_to="none",
+        use_cpu=train.gpus_per_worker == 0, bf16=train.bf16, gradient_checkpointing=False,
+        deepspeed=deepspeed_config(train), seed=seed, dataloader_pin_memory=False, disable_tqdm=rank != 0, **extra)
+
+
+def require_bf16_support(train: TrainConfig, section: str) -> None:
+    """bf16 only where the config asks for it and the device has it; else one clear line (in the worker,
+    where the device is)."""
     import torch
 
-    if use_gpu:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.backends, "cpu", None) and torch.backends.cpu.get_cpu_capability() in
-                ("AVX512", "AVX512_BF16", "AMX"))
+    if not train.bf16:
+        return
+    ok = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if train.gpus_per_worker else \
+        torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    if not ok:
+        raise CaiError(f"{section}.train.bf16=true, but this {'GPU' if train.gpus_per_worker else 'CPU'} has no "
+                       f"bf16 support; set {section}.train.bf16=false")
 
 
 def run_training(fn: Callable[[dict], Any], config: dict, train: TrainConfig, ray_cfg: RayConfig,
@@ -60,7 +80,8 @@ def run_training(fn: Callable[[dict], Any], config: dict, train: TrainConfig, ra
         raise CaiError(f"{name}.train: workers={train.workers} x cpus_per_worker={train.cpus_per_worker:g} needs "
                        f"{train.workers * train.cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}")
     # MALLOC_ARENA_MAX: glibc's per-thread arenas hold freed activation memory as RSS between steps
-    env = {"OMP_NUM_THREADS": str(int(train.cpus_per_worker)), "MALLOC_ARENA_MAX": "2", "DS_ACCELERATOR": os.environ.get(
+    env = {"OMP_NUM_THREADS": str(int(train.cpus_per_worker)), "MALLOC_ARENA_MAX": "2",
+           "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "DS_ACCELERATOR": os.environ.get(
         "DS_ACCELERATOR", "cuda" if train.gpus_per_worker else "cpu"), "TOKENIZERS_PARALLELISM": "false"}
     for var in ("CAI_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
         if var in os.environ:

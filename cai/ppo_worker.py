@@ -52,13 +52,14 @@ class PPOWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        from cai.distributed import deepspeed_config, world
+        from cai.distributed import deepspeed_config, require_bf16_support, world
         from cai.models import load_tokenizer
 
         self.cfg = PpoConfig(**config["ppo"])
         self.seed, self.out = config["seed"], Path(config["out"])
         self.rank, self.world = world()
         train = TrainConfig(**{**self.cfg.train.model_dump(), "batch_size": self.cfg.minibatch, "grad_accum": 1})
+        require_bf16_support(train, "ppo")
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
         torch.manual_seed(self.seed + self.rank)
         dtype = torch.bfloat16 if train.bf16 else torch.float32  # the reference matches the policy

@@ -98,11 +98,12 @@ def train_worker(config: dict) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import deepspeed_config, peak_rss_gb, world
+    from cai.distributed import deepspeed_config, peak_rss_gb, require_bf16_support, world
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
     train = TrainConfig(**config["train"])
+    require_bf16_support(train, "reward_model")
     rank, size = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(config["seed"])

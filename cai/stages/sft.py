@@ -51,22 +51,15 @@ def train_worker(config: dict) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from cai.distributed import deepspeed_config, peak_rss_gb, world
+    from cai.distributed import peak_rss_gb, trainer_args, world
     from cai.models import load_tokenizer
 
     train = TrainConfig(**config["train"])
     rank, _ = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
-    args = SFTConfig(
-        output_dir=trainer_dir, per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum, learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler, num_train_epochs=train.epochs, max_steps=train.max_steps,
-        max_grad_norm=train.max_grad_norm, max_length=train.max_length, save_strategy="steps",
-        save_steps=train.save_steps, save_total_limit=2, logging_steps=1, report_to="none",
-        use_cpu=train.gpus_per_worker == 0, bf16=train.bf16, gradient_checkpointing=False,
-        deepspeed=deepspeed_config(train), seed=config["seed"], dataloader_pin_memory=False,
-        include_num_input_tokens_seen=True, disable_tqdm=rank != 0)
+    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank,
+                        include_num_input_tokens_seen=True)
     tokenizer = load_tokenizer(config["base_model"], padding_side="right")
     model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id

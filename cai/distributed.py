@@ -51,6 +51,30 @@ def trainer_args(config_cls, section: str, train: TrainConfig, output_dir: str, 
         deepspeed=deepspeed_config(train), seed=seed, dataloader_pin_memory=False, disable_tqdm=rank != 0, **extra)
 
 
+def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int):
+    """Build an HF/trl trainer on the base model and the jsonl data, train (resuming from its last
+    checkpoint in args.output_dir), save to config['model_tmp']. -> (trainer, train output, resumed from)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from cai.models import load_tokenizer
+    from cai.shards import read_jsonl
+
+    tokenizer = load_tokenizer(config["base_model"], padding_side=padding_side)
+    model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(config["data"])),
+                          processing_class=tokenizer)
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(config["model_tmp"])  # every rank: ZeRO-3 gathers the shards collectively
+    if rank == 0:
+        tokenizer.save_pretrained(config["model_tmp"])
+    return trainer, result, (Path(last).name if last else None)
+
+
 def require_bf16_support(train: TrainConfig, section: str) -> None:
     """bf16 only where the config asks for it and the device has it; else one clear line (in the worker,
     where the device is)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from cai.config import GenerationConfig, PpoConfig
-from cai.ppo_math import gae, kl_estimate, logprobs_of, token_rewards, whiten
+from cai.ppo_math import gae, kl_estimate, token_rewards, whiten
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import random
 import shutil
 import time
@@ -117,9 +116,11 @@ class PPOWorker:
         t0 = time.time()
         ids, attention, mask, P = pack(prompt_ids, [o.ids for o in outs], self.tok.pad_token_id)
         targets = ids[:, P:]
-        logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
         ref_logp = logprobs_of(response_logits(self.ref, ids, attention, P), targets) * mask
-        values = response_values(self.value.module, ids, attention, P) * mask
+        logp = values = None
+        if not self.fused:  # else the update's own forward gives them (same weights, no second pass)
+            logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
+            values = response_values(self.value.module, ids, attention, P) * mask
         texts = [o.text for o in outs]
         finished = torch.tensor([float(o.finished) for o in outs])
         raw = self.score(prompts, texts, [list(o.ids) for o in outs])
@@ -127,8 +128,8 @@ class PPOWorker:
         if self.reward_fn:
             score = score + self.cfg.missing_eos_penalty * (1 - finished)
         self.timing["score_s"] = time.time() - t0
-        return finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp, ref_logp, values, raw,
-                              score, finished, prompts, texts)
+        args = (ids, attention, P, mask, logp, ref_logp, values, raw, score, finished, prompts, texts)
+        return args if self.fused else finish_rollout(self.cfg, self.kl_ctl.value, *args)
 
     def score(self, prompts: list[str], texts: list[str], response_ids: list[list[int]]) -> torch.Tensor:
         """Preference-model score of each (prompt, response) as text: a reward model with another
@@ -145,6 +146,27 @@ class PPOWorker:
         return self.rm(input_ids=ids, attention_mask=(ids != self.rm_tok.pad_token_id).long()).logits[:, 0].float()
 
     # step 5 -------------------------------------------------------------------------------------------
+    @property
+    def fused(self) -> bool:
+        """One epoch over one minibatch: the weights at update time are the rollout's, so the update's
+        forward (with grad) also gives the old log-probs and values, detached."""
+        return self.cfg.ppo_epochs == 1 and self.cfg.minibatch >= self.cfg.rollout_batch
+
+    def update_fused(self, pending: tuple):
+        ids, attention, P, mask, _, ref_logp, _, raw, score, finished, prompts, texts = pending
+        logits = response_logits(self.policy, ids, attention, P)
+        logp = logprobs_of(logits, ids[:, P:]) * mask
+        values = response_values(self.value.module, ids, attention, P) * mask
+        r = finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp.detach(), ref_logp,
+                           values.detach(), raw, score, finished, prompts, texts)
+        pl, pstats = policy_loss(logp, r.logp, r.advantages, mask, self.cfg.clip)
+        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        if self.cfg.entropy_coef:
+            pl = pl - self.cfg.entropy_coef * masked_mean(entropy_from_logits(logits), mask)
+        vl, vstats = value_loss(values, r.values, r.returns, mask, self.cfg.value_clip)
+        self.optimise(pl, vl)
+        return r, {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(), **pstats, **vstats}
+
     def update(self, r, step: int) -> dict[str, float]:
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac",
                                                          "approx_kl", "value_clip_frac")}
@@ -267,7 +289,10 @@ class PPOWorker:
             self.step, t0 = step, time.time()
             r = self.rollout(step)                                   # steps 1-4
             t_update = time.time()
-            update = self.update(r, step)                            # step 5
+            if self.fused:
+                r, update = self.update_fused(r)                     # steps 4-5 in one pass
+            else:
+                update = self.update(r, step)                        # step 5
             update = {**update, **self.timing, "update_s": time.time() - t_update}
             last = self.metrics(step, r, update, time.time() - t0)   # step 6
             self.kl_ctl.update(last["kl"], len(r.texts) * self.world)

@@ -15,7 +15,7 @@ from cai.config import load_pipeline
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.prompting import assistant, user
-from cai.shards import read_jsonl, write_jsonl
+from cai.shards import write_jsonl
 from cai.stages import reward_model, sft
 from cai.stages.preferences import preference_row
 

@@ -29,32 +29,18 @@ def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, in
 def train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker (one DeepSpeed rank each)."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer
 
-    from cai.distributed import peak_rss_gb, trainer_args, world
-    from cai.models import load_tokenizer
-    from cai.shards import read_jsonl
+    from cai.distributed import peak_rss_gb, train_hf, trainer_args, world
 
     train = TrainConfig(**config["train"])
     rank, _ = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
     args = trainer_args(DPOConfig, "dpo", train, trainer_dir, config["seed"], rank, beta=config["beta"])
-    tokenizer = load_tokenizer(config["base_model"], padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    data = Dataset.from_list(read_jsonl(config["data"]))
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    last = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
-    result = trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(config["model_tmp"])
-    if rank == 0:
-        tokenizer.save_pretrained(config["model_tmp"])
+    _, result, last = train_hf(DPOTrainer, args, config, "left", rank)
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-            "resumed_from": Path(last).name if last else None, "peak_rss_gb": peak_rss_gb()}
+            "resumed_from": last, "peak_rss_gb": peak_rss_gb()}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -46,13 +46,9 @@ def mix_rows(revisions: list[dict], helpful: list[dict], ratio: float, seed: int
 def train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker (one DeepSpeed rank each)."""
     import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from cai.distributed import peak_rss_gb, trainer_args, world
-    from cai.models import load_tokenizer
+    from cai.distributed import peak_rss_gb, train_hf, trainer_args, world
 
     train = TrainConfig(**config["train"])
     rank, _ = world()
@@ -60,19 +56,10 @@ def train_worker(config: dict) -> dict:
     trainer_dir = config["trainer_dir"]
     args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank,
                         include_num_input_tokens_seen=True)
-    tokenizer = load_tokenizer(config["base_model"], padding_side="right")
-    model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    dataset = Dataset.from_list(read_jsonl(config["data"]))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    last = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
-    result = trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(config["model_tmp"])  # every rank: ZeRO-3 gathers the shards collectively
-    if rank == 0:
-        tokenizer.save_pretrained(config["model_tmp"])
+    trainer, result, last = train_hf(SFTTrainer, args, config, "right", rank)
     metrics = result.metrics
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-            "resumed_from": Path(last).name if last else None, "runtime_s": round(metrics["train_runtime"], 1),
+            "resumed_from": last, "runtime_s": round(metrics["train_runtime"], 1),
             "tokens": int(trainer.state.num_input_tokens_seen), "peak_rss_gb": peak_rss_gb()}
 
 

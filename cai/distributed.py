@@ -7,6 +7,7 @@ and returns rank 0's return value.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -51,14 +52,27 @@ def trainer_args(config_cls, section: str, train: TrainConfig, output_dir: str, 
         deepspeed=deepspeed_config(train), seed=seed, dataloader_pin_memory=False, disable_tqdm=rank != 0, **extra)
 
 
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest HF checkpoint-N that was fully written. HF writes a checkpoint in pieces and
+    trainer_state.json last, so a kill mid-save leaves a folder without it: such folders are moved
+    out of the way (resume would crash on them) and the previous checkpoint is used."""
+    if not os.path.isdir(folder):
+        return None
+    found = sorted((p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if (p / "trainer_state.json").exists()]
+    for partial in (p for p in found if p not in complete):
+        if world()[0] == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+    return str(complete[-1]) if complete else None
+
+
 def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int):
     """Build an HF/trl trainer on the base model and the jsonl data, train (resuming from its last
     checkpoint in args.output_dir), save to config['model_tmp']. -> (trainer, train output, resumed from)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from transformers.trainer_utils import get_last_checkpoint
-
     from cai.models import load_tokenizer
     from cai.shards import read_jsonl
 
@@ -67,7 +81,7 @@ def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int):
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(config["data"])),
                           processing_class=tokenizer)
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    last = last_complete_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(config["model_tmp"])  # every rank: ZeRO-3 gathers the shards collectively
     if rank == 0:

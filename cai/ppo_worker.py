@@ -249,6 +249,7 @@ class PPOWorker:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         self.kl_ctl.value, self.skipped = state["kl_coef"], state["skipped"]
+        self.generator.sync(self.policy)  # the rollout copy must sample from the restored weights
         return state["step"]
 
     # the loop ------------------------------------------------------------------------------------------

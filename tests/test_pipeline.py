@@ -63,12 +63,15 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model" / "model")
     assert rm.config.num_labels == 1
     assert set(json.loads((out / "reward_model" / "model" / "reward_stats.json").read_text())) == {"mean", "std"}
+    # ppo: the policy after a few PPO steps, with metrics per step
+    ppo_rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ppo_rows] == [1, 2, 3, 4] and (out / "ppo" / "model" / "config.json").exists()
     status = cai("status", str(out)).stdout
-    assert status.count("done in") == 5
+    assert status.count("done in") == 6 and "dpo" in status
     # unchanged config: every stage skipped, outputs untouched
     mtime = (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns
     again = cai(*tiny_args(tiny_model, out))
-    assert again.stderr.count("up to date") == 5
+    assert again.stderr.count("up to date") == 6
     assert (out / "critique_revise" / "trace.jsonl").stat().st_mtime_ns == mtime
     # last_round: only the last revision per prompt goes to SFT; prompts stays cached
     last = cai(*tiny_args(tiny_model, out, "critique_revise.train_on=last_round"), "--stages",

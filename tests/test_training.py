@@ -138,13 +138,26 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trainer = out / "sft" / "trainer"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (trainer / "checkpoint-8").exists():
+    done = trainer / "checkpoint-8" / "trainer_state.json"
+    while time.time() < deadline and proc.poll() is None and not done.exists():
         time.sleep(0.05)
-    time.sleep(0.5)
     kill_tree(proc)
-    assert (trainer / "checkpoint-8").exists(), "the kill must land after a checkpoint"
+    assert (trainer / "checkpoint-8" / "trainer_state.json").exists(), "the kill must land after a checkpoint"
     assert not (out / "sft" / "_COMPLETE.json").exists()
     cai(*base, "--stages", "sft")
     summary = json.loads((out / "sft" / "_COMPLETE.json").read_text())["summary"]
     assert summary["resumed_from"] is not None and int(summary["resumed_from"].split("-")[1]) >= 8
     assert summary["steps"] == 40
+
+
+def test_partial_trainer_checkpoints_are_not_resumed_from(tmp_path):
+    """A kill during an HF save leaves checkpoint-N without trainer_state.json (written last)."""
+    from cai.distributed import last_complete_checkpoint
+
+    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    for n, complete in ((4, True), (8, True), (12, False)):
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
+    assert not (tmp_path / "checkpoint-12").exists()

@@ -4,7 +4,7 @@
 
 Every configuration runs in a fresh subprocess (clean peak memory), on the same data and model:
   - trl SFTTrainer / RewardTrainer in-process, no Ray, no DeepSpeed, with 1 and with 2 torch threads;
-  - our sft / reward_model workers on Ray Train + DeepSpeed ZeRO-2: 1 worker x 2 threads, and
+  - our sft / reward_model workers on Ray Train + DeepSpeed ZeRO-0: 1 worker x 2 threads, and
     2 workers x 1 thread (data parallel over the 2 cores);
   - AI labelling: pairs labelled per second (both orders), in-process.
 Tokens/s counts the real (unpadded) tokens of one pass over the data; time is the training loop only
@@ -99,6 +99,7 @@ def cai_stage(folder: Path, model: str, stage: str, workers: int) -> dict:
     cfg = load_pipeline(HERE.parent / "pipelines/default.yaml", [
         f"policy.name={model}", f"output_dir={folder}", f"{section}.train.workers={workers}",
         f"{section}.train.cpus_per_worker={threads}", f"{section}.train.save_steps=100000",
+        f"{section}.train.zero_stage=0", f"{section}.train.batch_size={8 // workers}",  # 8 a step, as trl's
         f"reward_model.base_model={model}", "reward_model.eval_fraction=0.0"])
     constitution = load_constitution(cfg.constitution)
     out = folder / f"{stage}-{workers}w"
@@ -159,12 +160,12 @@ def main() -> None:
     make_data(folder, args.rows)
     plan = [("SFT", "trl SFTTrainer in-process, 1 thread", "trl-sft:1"),
             ("SFT", "trl SFTTrainer in-process, 2 threads", "trl-sft:2"),
-            ("SFT", "cai Ray Train+DS ZeRO-2, 1 worker x 2 thr", "cai-sft:1"),
-            ("SFT", "cai Ray Train+DS ZeRO-2, 2 workers x 1 thr", "cai-sft:2"),
+            ("SFT", "cai Ray Train+DS ZeRO-0, 1 worker x 2 thr", "cai-sft:1"),
+            ("SFT", "cai Ray Train+DS ZeRO-0, 2 workers x 1 thr", "cai-sft:2"),
             ("RM", "trl RewardTrainer in-process, 1 thread", "trl-rm:1"),
             ("RM", "trl RewardTrainer in-process, 2 threads", "trl-rm:2"),
-            ("RM", "cai Ray Train+DS ZeRO-2, 1 worker x 2 thr", "cai-rm:1"),
-            ("RM", "cai Ray Train+DS ZeRO-2, 2 workers x 1 thr", "cai-rm:2"),
+            ("RM", "cai Ray Train+DS ZeRO-0, 1 worker x 2 thr", "cai-rm:1"),
+            ("RM", "cai Ray Train+DS ZeRO-0, 2 workers x 1 thr", "cai-rm:2"),
             ("label", "AI labels, both orders, bf16, 2 shots", f"label:{args.rows}")]
     results = {}
     for task, name, key in plan:
@@ -175,7 +176,7 @@ def main() -> None:
             continue
         results[key] = (task, name, json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"done: {name}", file=sys.stderr, flush=True)
-    print(f"\n{args.rows} rows, {Path(model).name}, fp32 training, batch 8 per step, 1 epoch")
+    print(f"\n{args.rows} rows, SmolLM2-135M-Instruct, fp32 training, 8 rows per optimizer step, 1 epoch")
     print(f"{'task':5s} {'configuration':44s} {'tok/s':>7s} {'x trl 2thr':>10s} {'x trl 1thr':>10s} "
           f"{'loop s':>7s} {'wall s':>7s} {'peak GB':>8s}")
     for task, name, r in results.values():

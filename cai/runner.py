@@ -70,7 +70,7 @@ def models_needed(cfg: PipelineConfig, selected: list[str]) -> list[str]:
     if "critique_revise" in selected or ("prompts" in selected and cfg.prompts.expand.new_prompts):
         needed.append(cfg.policy.name)
     if "sft" in selected:
-        needed.append(cfg.sft.base_model or cfg.policy.name)
+        needed.append(sft.base_model(cfg))
     if "preferences" in selected:
         needed.append(feedback_model(cfg).name)
     if "reward_model" in selected and cfg.reward_model.base_model:
@@ -156,8 +156,9 @@ def stage_status(out: Path) -> list[tuple[str, str]]:
         if marker is not None:
             rows.append((name, f"done in {marker['seconds']}s: {json.dumps(marker['summary'])}"))
         elif started is not None:
-            total = sum(started["shards"].values())
-            have = len(list(stage_dir.glob("shards/*/shard-*.jsonl")))
+            plan = started["shards"]
+            total = sum(plan.values())
+            have = sum(len(list((stage_dir / "shards" / part).glob("shard-*.jsonl"))) for part in plan)
             rows.append((name, f"partial ({have} of {total} shards)"))
         else:
             rows.append((name, "not started"))

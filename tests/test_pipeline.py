@@ -159,3 +159,16 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(tiny_model, tmp
     assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.jsonl") if p.name in committed} == committed
     for name in ("trace.jsonl", "sft.jsonl"):
         assert rows(killed, "critique_revise", name) == rows(clean, "critique_revise", name)
+
+
+def test_status_counts_only_planned_shards(tmp_path):
+    """Stages write helper shards too (judge check, attribution): 'partial' counts the planned ones."""
+    from cai.runner import stage_status
+    from cai.shards import write_atomic
+
+    stage = tmp_path / "preferences"
+    write_atomic(stage / "_STARTED.json", json.dumps({"key": "k", "shards": {"responses_red_team": 3}}))
+    for part, n in (("responses_red_team", 2), ("judge_check", 5)):
+        for i in range(n):
+            write_atomic(stage / "shards" / part / f"shard-{i:05d}.jsonl", "")
+    assert dict(stage_status(tmp_path))["preferences"] == "partial (2 of 3 shards)"

@@ -28,7 +28,10 @@ def load_check_pairs(path: str) -> list[dict]:
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CaiError(f"{file}:{n}: not valid JSON ({e.msg})") from None
         missing = [k for k in KEYS if not isinstance(row.get(k), str) or not row[k].strip()]
         if missing:
             raise CaiError(f"{file}:{n}: missing or empty '{missing[0]}'")

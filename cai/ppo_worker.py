@@ -25,6 +25,7 @@ from cai.errors import CaiError
 from cai.ppo_math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
 from cai.ppo_rollout import (PolicyRolloutGenerator, finish_rollout, normalised_score, pack, response_logits,
                              response_values)
+from cai.shards import read_jsonl
 
 COMMITTED = "COMMITTED"
 
@@ -87,7 +88,7 @@ class PPOWorker:
         self.generator = PolicyRolloutGenerator(self.policy, self.tok, train.zero_stage, fast, config["policy"])
         kl = self.cfg.kl
         self.kl_ctl = AdaptiveKL(kl.coef, kl.target, kl.horizon) if kl.controller == "adaptive" else FixedKL(kl.coef)
-        self.prompts = [json.loads(line)["prompt"] for line in open(config["prompts"], encoding="utf-8")]
+        self.prompts = [row["prompt"] for row in read_jsonl(Path(config["prompts"]))]
         self.max_prompt = config["max_prompt_tokens"]
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         from cai.distributed import peak_rss_gb

@@ -125,3 +125,13 @@ def test_shipped_judge_pairs():
     pairs = load_check_pairs("builtin:judge_check")
     assert len(pairs) >= 40
     assert {p["kind"] for p in pairs} >= {"harmful_vs_harmless", "evasive_vs_helpful"}
+
+
+def test_bad_judge_pairs_file_is_one_line(tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "p", "better": "b", "worse": "w"}\n{"prompt": "p", "better"\n')
+    with pytest.raises(CaiError, match=r"pairs.jsonl:2: not valid JSON"):
+        load_check_pairs(str(bad))
+    bad.write_text('{"prompt": "p", "better": "", "worse": "w"}\n')
+    with pytest.raises(CaiError, match=r"pairs.jsonl:1: missing or empty 'better'"):
+        load_check_pairs(str(bad))

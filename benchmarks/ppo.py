@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/ppo.py [--steps 6]
 
 Both sides run SmolLM2-135M-Instruct as policy and reference, and a SmolLM2 scalar-head model as
-reward and value model (4 models), fp32, batch 4 prompts, 32 new tokens, 1 PPO epoch, 1 minibatch,
-on the same prompts. trl 1.12 (the last release with PPOTrainer) is installed only into
-benchmarks/.venv-trl112, never into the package's environment. Each side runs in its own process
-(its peak RSS is that process's; ours is the training worker's). Step time is the mean over steps
-after the first (warm-up shown apart).
+reward and value model (4 models), batch 4 prompts, 32 new tokens, 1 PPO epoch, 1 minibatch, on
+the same prompts: in fp32, and in bf16 mixed precision (ours: DeepSpeed bf16 with fp32 master weights
+and the reference in bf16; trl: accelerate's bf16 autocast). trl 1.12 (the last release with
+PPOTrainer) is installed only into benchmarks/.venv-trl112, never into the package's environment.
+Each configuration runs in its own process (its peak RSS is that process's; ours is the training
+worker's). Step time is the mean over steps after the first (warm-up shown apart).
+`--only TEXT` runs only our configurations whose label contains TEXT; `--ours-only` skips trl.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
-policy_path, rm_path, prompts_path, steps, out = sys.argv[1:6]
+policy_path, rm_path, prompts_path, steps, out, bf16 = sys.argv[1:7]
 steps = int(steps)
 torch.set_num_threads(2)
 tok = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
@@ -41,7 +43,7 @@ class Clock(TrainerCallback):  # PPOTrainer calls on_step_end only: time between
         now = time.time(); times.append(now - self.t); self.t = now
 args = PPOConfig(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=1, num_mini_batches=1,
                  num_ppo_epochs=1, total_episodes=4 * steps, response_length=32, learning_rate=1e-6,
-                 use_cpu=True, bf16=False, report_to="none", save_strategy="no", num_sample_generations=0,
+                 use_cpu=True, bf16=bf16 == "bf16", report_to="none", save_strategy="no", num_sample_generations=0,
                  missing_eos_penalty=-1.0, stop_token="eos", kl_coef=0.05, logging_steps=1)
 trainer = PPOTrainer(args=args, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(policy_path),
                      ref_model=AutoModelForCausalLM.from_pretrained(policy_path),
@@ -87,7 +89,7 @@ def make_models(folder: Path) -> tuple[Path, Path]:
     return policy, rm
 
 
-def ours(folder: Path, policy: Path, rm: Path, steps: int) -> dict:
+def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str]) -> dict:
     """Our PPO stage on 1 Ray Train worker with 2 CPUs, DeepSpeed ZeRO-0 (one rank: nothing to shard)."""
     import shutil
 
@@ -102,7 +104,8 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int) -> dict:
     cfg = load_pipeline(HERE.parent / "pipelines/default.yaml", [
         f"output_dir={folder}", f"ppo.steps={steps}", "ppo.rollout_batch=4", "ppo.minibatch=4", "ppo.ppo_epochs=1",
         "ppo.generation.max_new_tokens=32", "ppo.train.workers=1", "ppo.train.cpus_per_worker=2",
-        "ppo.train.zero_stage=0", "ppo.train.bf16=false", "ppo.train.save_steps=100000", "ppo.prompts=red_team"])
+        "ppo.train.zero_stage=0", "ppo.train.bf16=false", "ppo.train.save_steps=100000", "ppo.prompts=red_team",
+        *overrides])
     out = folder / "ppo"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
@@ -112,16 +115,26 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int) -> dict:
     return {"step_times": times, "peak_rss_gb": summary["peak_rss_gb"]}
 
 
+OURS = {  # label -> overrides of the default pipeline
+    "cai PPO, fp32": [],
+    "cai PPO, fp32, bf16 reference": ["ppo.reference_dtype=bfloat16"],
+    "cai PPO, bf16 mixed precision": ["ppo.train.bf16=true", "ppo.reference_dtype=bfloat16"],
+}
+TRL = {"trl 1.12 PPOTrainer, fp32": "fp32", "trl 1.12 PPOTrainer, bf16 (autocast)": "bf16"}
+BASE = "trl 1.12 PPOTrainer, fp32"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--ours-only", action="store_true")
+    ap.add_argument("--only", help="run our configurations whose label contains this")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     folder = Path(os.environ.get("TMPDIR", "/tmp")) / "cai-bench-ppo"
-    if args.child == "ours":
+    if args.child:
         policy, rm = make_models(folder)
-        print(json.dumps(ours(folder, policy, rm, args.steps)))
+        print(json.dumps(ours(folder, policy, rm, args.steps, OURS[args.child])))
         return
     from cai.config import PromptSource
     from cai.prompt_files import read_source
@@ -133,31 +146,36 @@ def main() -> None:
     write_jsonl(folder / "prompts" / "red_team.jsonl", prompts)
     write_jsonl(folder / "prompts" / "helpful.jsonl", [])
     results = {}
-    proc = subprocess.run([sys.executable, __file__, "--child", "ours", "--steps", str(args.steps)],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"ours failed:\n{proc.stderr[-3000:]}")
-    results["cai PPO (Ray Train + DeepSpeed ZeRO-0, 1 worker)"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    if not args.ours_only:
+    for label in [k for k in OURS if not args.only or args.only in k]:
+        proc = subprocess.run([sys.executable, __file__, "--child", label, "--steps", str(args.steps)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{label}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"done: {label}", file=sys.stderr, flush=True)
+    for label, precision in ({} if args.ours_only else TRL).items():
         python = ensure_trl_env()
         proc = subprocess.run([str(python), "-c", TRL_SCRIPT, str(policy), str(rm), str(folder / "prompts" /
-                               "red_team.jsonl"), str(args.steps), str(folder / "trl_out")],
+                               "red_team.jsonl"), str(args.steps), str(folder / "trl_out"), precision],
                               capture_output=True, text=True, env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
         if proc.returncode:
-            sys.exit(f"trl 1.12 failed:\n{proc.stderr[-3000:]}")
-        results["trl 1.12 PPOTrainer (in-process)"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"\nSmolLM2-135M x 4 models, fp32, batch 4, 32 new tokens, {args.steps} steps, 2 cores")
-    print(f"{'implementation':50s} {'step s':>7s} {'first s':>8s} {'peak GB':>8s}")
-    base = results.get("trl 1.12 PPOTrainer (in-process)")
-    for name, r in results.items():
+            print(f"{label}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"done: {label}", file=sys.stderr, flush=True)
+    print(f"\nSmolLM2-135M x 4 models, batch 4, 32 new tokens, 1 PPO epoch, {args.steps} steps, 2 cores; ours on "
+          f"1 Ray Train worker, DeepSpeed ZeRO-0")
+    print("goal: step time <= 0.7x and peak memory <= 0.8x of trl 1.12 fp32")
+    print(f"{'implementation':40s} {'step s':>7s} {'first s':>8s} {'peak GB':>8s} {'x trl time':>11s} "
+          f"{'x trl mem':>10s}")
+    for r in results.values():
         t = r["step_times"]
-        mean = sum(t[1:]) / max(1, len(t) - 1) if len(t) > 1 else t[0]
-        print(f"{name:50s} {mean:7.2f} {t[0]:8.2f} {r['peak_rss_gb']:8.2f}")
-        r["mean"] = mean
-    if base and len(results) == 2:
-        o = results["cai PPO (Ray Train + DeepSpeed ZeRO-0, 1 worker)"]
-        print(f"ratio cai / trl: step time {o['mean'] / base['mean']:.2f}x, peak memory "
-              f"{o['peak_rss_gb'] / base['peak_rss_gb']:.2f}x  (goal: <= 0.7x and <= 0.8x)")
+        r["mean"] = sum(t[1:]) / max(1, len(t) - 1) if len(t) > 1 else t[0]
+    base = results.get(BASE)
+    for name, r in results.items():
+        ratios = f"{r['mean'] / base['mean']:10.2f}x {r['peak_rss_gb'] / base['peak_rss_gb']:9.2f}x" if base else ""
+        print(f"{name:40s} {r['mean']:7.2f} {r['step_times'][0]:8.2f} {r['peak_rss_gb']:8.2f} {ratios}")
 
 
 if __name__ == "__main__":

@@ -56,11 +56,18 @@ class PolicyRolloutGenerator:
             self.copy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().requires_grad_(False)
         self.generator = ChatGenerator(self.copy or engine.module, tokenizer)
 
+    def release(self) -> None:
+        """Free the copy's weights while the policy trains (they are stale then, and the update is the
+        memory peak); `sync` brings them back from the updated policy."""
+        if self.copy is not None:
+            for p in self.copy.parameters():
+                p.data = torch.empty(0, dtype=p.dtype)
+
     @torch.no_grad()
     def sync(self, policy) -> None:
-        if self.copy is not None:
+        if self.copy is not None:  # parameters() lists tied weights once, in the same order on both
             for dst, src in zip(self.copy.parameters(), policy.module.parameters()):
-                dst.copy_(src)
+                dst.data = src.detach().to(dst.dtype, copy=True)
 
     def generate(self, prompt_ids: list[list[int]], cfg: GenerationConfig, seed: int):
         import contextlib
@@ -92,14 +99,15 @@ def response_logits(model, ids: torch.Tensor, attention: torch.Tensor, P: int) -
     positions only: over the prompt it would be a fifth of the forward's cost, thrown away)."""
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     A = ids.shape[1] - P
-    return model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                 logits_to_keep=A + 1).logits[:, :-1]
+    return model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=A + 1,
+                 use_cache=False).logits[:, :-1]
 
 
 def response_values(value_model, ids: torch.Tensor, attention: torch.Tensor, P: int) -> torch.Tensor:
     """(B, P+A) -> (B, A): V(s_t) for the state before each response token (scalar head on every position)."""
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    hidden = value_model.model(input_ids=ids, attention_mask=attention, position_ids=positions).last_hidden_state
+    hidden = value_model.model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                               use_cache=False).last_hidden_state
     return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()
 
 

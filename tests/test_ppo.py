@@ -55,9 +55,10 @@ def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, upstream, tmp_p
     cai(*args(tiny_model, out, "--stages", "ppo", "ppo.reward_function=cai.rewards:mean_token_id", "ppo.steps=16",
               "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=2", "ppo.train.workers=2",
               "ppo.train.zero_stage=2", "ppo.train.learning_rate=1e-4", "ppo.kl.coef=0.0", "ppo.train.save_steps=100",
-              "ppo.generation.max_new_tokens=2"))
+              "ppo.generation.max_new_tokens=2", "ppo.reference_dtype=bfloat16"))
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, 17))
+    assert m[0]["kl"] != 0.0  # a bf16 reference differs from the fp32 policy it was loaded from
     first, last = sum(r["reward_mean"] for r in m[:4]) / 4, sum(r["reward_mean"] for r in m[-4:]) / 4
     assert last > first + 0.05, (first, last)
     before = AutoModelForCausalLM.from_pretrained(out / "sft" / "model").state_dict()
@@ -90,6 +91,7 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model
     assert summary["resumed_from_step"] == resumed_at
     a, b = metrics(clean), metrics(killed)
     assert [r["step"] for r in b] == list(range(1, 9))
+    assert a[0]["kl"] == 0.0  # step 1 samples from the reference's own fp32 weights
     for ra, rb in zip(a[resumed_at:], b[resumed_at:]):
         for key in ("policy_loss", "value_loss", "reward_mean", "kl", "kl_coef", "entropy"):
             assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])

@@ -38,7 +38,7 @@ def train_worker(config: dict) -> dict:
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
     args = trainer_args(DPOConfig, "dpo", train, trainer_dir, config["seed"], rank, beta=config["beta"])
-    _, result, last = train_hf(DPOTrainer, args, config, "left", rank)
+    _, result, last = train_hf(DPOTrainer, args, config, "left", rank, train)
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "peak_rss_gb": peak_rss_gb()}
 

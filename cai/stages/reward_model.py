@@ -88,7 +88,7 @@ def collate(batch: list[dict], pad_id: int):
 
 def rewards(engine, ids, mask):
     """(2B, T) -> (2B,) scalar rewards, read at the last non-pad token (HF's sequence pooling)."""
-    return engine(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+    return engine(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
 
 
 def train_worker(config: dict) -> dict:
@@ -97,8 +97,10 @@ def train_worker(config: dict) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from cai.batching import epoch_order
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import deepspeed_config, peak_rss_gb, require_bf16_support, world
+    from cai.distributed import (deepspeed_config, peak_rss_gb, require_bf16_support, skip_single_rank_allreduce,
+                                 world)
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
@@ -116,9 +118,11 @@ def train_worker(config: dict) -> dict:
     per_step = train.batch_size * size
     steps_per_epoch = max(1, len(train_rows) // per_step)
     total = train.max_steps if train.max_steps > 0 else max(1, int(steps_per_epoch * train.epochs))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, hf_auto=False, world_size=size))
+    skip_single_rank_allreduce(engine, train)
+    lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in train_rows]
     start, ckpt = 0, config["checkpoint_dir"]
     if os.path.exists(os.path.join(ckpt, "latest")):
         _, client = engine.load_checkpoint(ckpt)
@@ -126,8 +130,8 @@ def train_worker(config: dict) -> dict:
     losses, tokens, t0 = [], 0, time.time()
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
-        order = list(range(len(train_rows)))
-        random.Random(f"{config['seed']}|epoch{epoch}").shuffle(order)  # same on every rank
+        if k == 0 or step == start:
+            order = epoch_order(lengths, per_step, f"{config['seed']}|epoch{epoch}", config["group_by_length"])
         batch = [train_rows[i] for i in order[k * per_step + rank:(k + 1) * per_step:size]]
         ids, mask, p = collate(batch, tokenizer.pad_token_id)
         r = rewards(engine, ids, mask)
@@ -204,7 +208,8 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     shutil.rmtree(model_tmp, ignore_errors=True)
     config = {"train": cfg.reward_model.train.model_dump(), "base_model": base_model_for(cfg, inputs),
               "train_data": str(out / "train.jsonl"), "eval_data": str(out / "eval.jsonl"),
-              "checkpoint_dir": str(out / "checkpoints"), "model_tmp": str(model_tmp), "seed": cfg.seed}
+              "checkpoint_dir": str(out / "checkpoints"), "model_tmp": str(model_tmp), "seed": cfg.seed,
+              "group_by_length": cfg.reward_model.group_by_length}
     summary = run_training(train_worker, config, cfg.reward_model.train, cfg.ray, out / "ray", "reward_model")
     if not (model_tmp / "reward_stats.json").exists():
         raise CaiError(f"reward_model: training ended without a saved model in {model_tmp}")

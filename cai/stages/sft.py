@@ -54,9 +54,9 @@ def train_worker(config: dict) -> dict:
     rank, _ = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
-    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank,
-                        include_num_input_tokens_seen=True)
-    trainer, result, last = train_hf(SFTTrainer, args, config, "right", rank)
+    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank, include_num_input_tokens_seen="non_padding",
+                        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random")
+    trainer, result, last = train_hf(SFTTrainer, args, config, "right", rank, train)
     metrics = result.metrics
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "runtime_s": round(metrics["train_runtime"], 1),
@@ -80,7 +80,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     shutil.rmtree(model_tmp, ignore_errors=True)
     config = {"train": cfg.sft.train.model_dump(), "base_model": str(resolve_model(base_model(cfg))),
               "data": str(out / "train.jsonl"), "trainer_dir": str(out / "trainer"), "model_tmp": str(model_tmp),
-              "seed": cfg.seed}
+              "seed": cfg.seed, "group_by_length": cfg.sft.group_by_length}
     summary = run_training(train_worker, config, cfg.sft.train, cfg.ray, out / "ray", "sft")
     # step 3: commit the checkpoint only once it loads
     if not (model_tmp / "config.json").exists() or not list(model_tmp.glob("*.safetensors")):

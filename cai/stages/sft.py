@@ -54,7 +54,8 @@ def train_worker(config: dict) -> dict:
     rank, _ = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
-    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank, include_num_input_tokens_seen="non_padding",
+    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank,
+                        include_num_input_tokens_seen="non_padding",
                         train_sampling_strategy="group_by_length" if config["group_by_length"] else "random")
     trainer, result, last = train_hf(SFTTrainer, args, config, "right", rank, train)
     metrics = result.metrics

@@ -141,9 +141,9 @@ def run_training(fn: Callable[[dict], Any], config: dict, train: TrainConfig, ra
                        f"{train.workers * train.cpus_per_worker:g} CPUs; the Ray cluster has {cpus:g}")
     # MALLOC_ARENA_MAX: glibc's per-thread arenas hold freed activation memory as RSS between steps.
     # (A low MALLOC_MMAP_THRESHOLD_ saves more, but page-faults every activation: 30% slower.)
+    accelerator = os.environ.get("DS_ACCELERATOR", "cuda" if train.gpus_per_worker else "cpu")
     env = {"OMP_NUM_THREADS": str(int(train.cpus_per_worker)), "MALLOC_ARENA_MAX": "2",
-           "DS_ACCELERATOR": os.environ.get(
-        "DS_ACCELERATOR", "cuda" if train.gpus_per_worker else "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+           "DS_ACCELERATOR": accelerator, "TOKENIZERS_PARALLELISM": "false"}
     for var in ("CAI_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE"):
         if var in os.environ:
             env[var] = os.environ[var]

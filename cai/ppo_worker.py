@@ -153,8 +153,8 @@ class PPOWorker:
     # step 5 -------------------------------------------------------------------------------------------
     @property
     def fused(self) -> bool:
-        """One epoch over one minibatch: the weights at update time are the rollout's, so the update's
-        forward (with grad) also gives the old log-probs and values, detached."""
+        """One epoch over one minibatch: the weights at update time are the rollout's, so the policy's
+        forward (with grad) also gives the old log-probs, detached (the old values come from the rollout)."""
         return self.cfg.ppo_epochs == 1 and self.cfg.minibatch >= self.cfg.rollout_batch
 
     def update_fused(self, pending: tuple):
@@ -165,10 +165,7 @@ class PPOWorker:
         logp = logprobs_of(logits, ids[:, P:]) * mask
         r = finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp.detach(), ref_logp,
                            old_values, raw, score, finished, prompts, texts)
-        pl, pstats = policy_loss(logp, r.logp, r.advantages, mask, self.cfg.clip)
-        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
-        if self.cfg.entropy_coef:
-            pl = pl - self.cfg.entropy_coef * masked_mean(entropy_from_logits(logits), mask)
+        pl, entropy, pstats = self.policy_objective(logits, logp, r.logp, r.advantages, mask)
         del logits, logp
         if not all_ranks_true(bool(torch.isfinite(pl))):
             self.note_skip()
@@ -177,12 +174,16 @@ class PPOWorker:
         stepped = self.step_engine(self.policy, pl)
         values = response_values(self.value.module, ids, attention, P) * mask
         vl, vstats = value_loss(values, r.values, r.returns, mask, self.cfg.value_clip)
-        stepped = all_ranks_true(bool(torch.isfinite(vl))) and self.step_engine(self.value, vl) and stepped
-        if stepped:
-            self.note_step()
-        else:
-            self.note_skip()
+        self.record(all_ranks_true(bool(torch.isfinite(vl))) and self.step_engine(self.value, vl) and stepped)
         return r, {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(), **pstats, **vstats}
+
+    def policy_objective(self, logits, logp, old_logp, advantages, mask):
+        """Clipped policy loss minus the entropy bonus; -> (loss, mean entropy, clip stats)."""
+        pl, pstats = policy_loss(logp, old_logp, advantages, mask, self.cfg.clip)
+        entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+        if self.cfg.entropy_coef:
+            pl = pl - self.cfg.entropy_coef * masked_mean(entropy_from_logits(logits), mask)
+        return pl, entropy, pstats
 
     def update(self, r, step: int) -> dict[str, float]:
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_frac",
@@ -194,10 +195,7 @@ class PPOWorker:
                 mb = r.rows(order[start:start + self.cfg.minibatch])
                 logits = response_logits(self.policy, mb["ids"], mb["attention"], r.prompt_len)
                 logp = logprobs_of(logits, mb["ids"][:, r.prompt_len:])
-                pl, pstats = policy_loss(logp, mb["logp"], mb["advantages"], mb["mask"], self.cfg.clip)
-                entropy = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
-                if self.cfg.entropy_coef:
-                    pl = pl - self.cfg.entropy_coef * masked_mean(entropy_from_logits(logits), mb["mask"])
+                pl, entropy, pstats = self.policy_objective(logits, logp, mb["logp"], mb["advantages"], mb["mask"])
                 values = response_values(self.value.module, mb["ids"], mb["attention"], r.prompt_len)
                 vl, vstats = value_loss(values, mb["values"], mb["returns"], mb["mask"], self.cfg.value_clip)
                 self.optimise(pl, vl)
@@ -212,11 +210,7 @@ class PPOWorker:
             self.note_skip()
             return
         stepped = self.step_engine(self.policy, pl)
-        stepped = self.step_engine(self.value, vl) and stepped
-        if stepped:
-            self.note_step()
-        else:
-            self.note_skip()
+        self.record(self.step_engine(self.value, vl) and stepped)
 
     @staticmethod
     def step_engine(engine, loss: torch.Tensor) -> bool:
@@ -226,8 +220,11 @@ class PPOWorker:
         engine.step()
         return engine.skipped_steps == before
 
-    def note_step(self) -> None:
-        self.consecutive_skips = 0
+    def record(self, stepped: bool) -> None:
+        if stepped:
+            self.consecutive_skips = 0
+        else:
+            self.note_skip()
 
     def note_skip(self) -> None:
         self.skipped += 1

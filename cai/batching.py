@@ -26,3 +26,28 @@ def epoch_order(lengths: list[int], per_step: int, key: str, group_by_length: bo
     full, rest = [s for s in steps if len(s) == per_step], [s for s in steps if len(s) < per_step]
     rng.shuffle(full)
     return [i for step in full + rest for i in step]  # a short last step stays last (it is dropped)
+
+
+def dealt_order(lengths: list[int], batch_size: int, world: int, grad_accum: int, key: str,
+                group_by_length: bool, epochs: int) -> list[int]:
+    """Row indices for `epochs` epochs, for a trainer that reads rows in sequence, cuts them into
+    batches of `batch_size` and deals batch i to rank i % world (HF Trainer under accelerate).
+
+    Each optimizer step's rows come from `epoch_order`; within a step, micro-step g of rank r gets
+    the step's rows g*world*batch_size + r, + 2r, ... (every world-th, as the reward model's loop deals
+    them), so with length grouping every rank holds rows of similar length and none waits for the
+    others. Dealing consecutive batches instead gives rank 0 the longer of each pair every step."""
+    per_micro = batch_size * world
+    per_step = per_micro * grad_accum
+    order: list[int] = []
+    for epoch in range(epochs):
+        rows = epoch_order(lengths, per_step, f"{key}|epoch{epoch}", group_by_length)
+        for start in range(0, len(rows), per_step):
+            step = rows[start:start + per_step]
+            if len(step) < per_step:  # the short last step: as it comes
+                order += step
+                continue
+            for g in range(0, per_step, per_micro):
+                micro = step[g:g + per_micro]
+                order += [i for r in range(world) for i in micro[r::world]]
+    return order

@@ -165,6 +165,9 @@ class PpoConfig(Strict):
     reference_dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="dtype of the reference model; None: the policy's (bfloat16 halves its memory, "
                           "at ~1e-2 nats of noise per token in the KL)")
+    offload_inference_models: bool = Field(
+        True, description="between rollouts keep the reference and preference models in a memory-mapped file "
+                          "(CPU): the update's memory peak drops by their size, for a page-cache read per step")
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 

@@ -79,7 +79,7 @@ def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int, trai
 
     class LeanTraining(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
-            skip_single_rank_allreduce(trainer.model_wrapped, train)
+            lean_allreduce(trainer.model_wrapped, train)
 
         def on_step_end(self, args, state, control, **kw):
             # HF saves a full checkpoint (weights + optimizer) after the last step; the model is
@@ -90,8 +90,11 @@ def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int, trai
     tokenizer = load_tokenizer(config["base_model"], padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(config["base_model"], dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(read_jsonl(config["data"])),
-                          processing_class=tokenizer, callbacks=[LeanTraining()])
+    rows = read_jsonl(config["data"])
+    if config.get("order") is not None:  # our row order, for a trainer that reads rows in sequence
+        rows = [rows[i] for i in config["order"]]
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=[LeanTraining()])
     last = last_complete_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(config["model_tmp"])  # every rank: ZeRO-3 gathers the shards collectively
@@ -100,15 +103,21 @@ def train_hf(trainer_cls, args, config: dict, padding_side: str, rank: int, trai
     return trainer, result, (Path(last).name if last else None)
 
 
-def skip_single_rank_allreduce(engine, train: TrainConfig) -> None:
-    """On one rank without ZeRO, DeepSpeed still flattens every gradient into a bucket, all-reduces it
-    with itself and copies it back after each backward (0.8 s a step for 135M parameters on 2 cores):
-    the identity, skipped here. ZeRO optimizers and the bf16 optimizer reduce in their own hooks."""
+def lean_allreduce(engine, train: TrainConfig) -> None:
+    """After each backward, DeepSpeed ZeRO-0 in fp32 copies every gradient into a fresh flat bucket,
+    all-reduces it and copies it back (0.8 s a step for 135M parameters on 2 cores). On one rank that is
+    the identity, skipped here; on more, gradients live in one persistent buffer reduced in place
+    (cai/data_parallel.py). ZeRO optimizers and the bf16 optimizer reduce in their own hooks."""
     import torch.distributed as dist
 
-    single = not dist.is_initialized() or dist.get_world_size() == 1
-    if single and train.zero_stage == 0 and not train.bf16:
+    from cai.data_parallel import FlatGradients
+
+    if train.zero_stage != 0 or train.bf16:
+        return
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False
+    else:
+        FlatGradients(engine)
 
 
 def require_bf16_support(train: TrainConfig, section: str) -> None:

@@ -34,6 +34,34 @@ class Rollout:
                                                    "returns")}
 
 
+@dataclass
+class ScoredSamples:
+    """Steps 2-3 of PPO: the samples, their reference log-probs, values and scores. `finish` adds the
+    policy's own log-probs (from the rollout, or from the fused update's forward) and does step 4."""
+    ids: torch.Tensor          # (B, P+A)
+    attention: torch.Tensor    # (B, P+A)
+    prompt_len: int            # P
+    mask: torch.Tensor         # (B, A)
+    ref_logp: torch.Tensor     # (B, A) log π_ref(a_t | s_t)
+    values: torch.Tensor       # (B, A) V_old(s_t)
+    raw_score: torch.Tensor    # (B,)
+    score: torch.Tensor        # (B,)
+    finished: torch.Tensor     # (B,)
+    prompts: list[str]
+    texts: list[str]
+
+    def finish(self, cfg: PpoConfig, kl_coef: float, logp: torch.Tensor) -> Rollout:
+        """Step 4: per-token rewards (score on the last token, KL penalty on all), GAE, whitening."""
+        kl = kl_estimate(logp, self.ref_logp, cfg.kl.estimator) * self.mask
+        rewards = token_rewards(self.score, kl, self.mask, kl_coef)
+        advantages, returns = gae(rewards, self.values, self.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = whiten(advantages, self.mask)
+        return Rollout(ids=self.ids, attention=self.attention, prompt_len=self.prompt_len, mask=self.mask, logp=logp,
+                       values=self.values, advantages=advantages, returns=returns, score=self.score,
+                       raw_score=self.raw_score, kl=kl, finished=self.finished, prompts=self.prompts, texts=self.texts)
+
+
 class PolicyRolloutGenerator:
     """Samples responses from the current policy.
 
@@ -109,19 +137,6 @@ def response_values(value_model, ids: torch.Tensor, attention: torch.Tensor, P: 
     hidden = value_model.model(input_ids=ids, attention_mask=attention, position_ids=positions,
                                use_cache=False).last_hidden_state
     return value_model.score(hidden[:, P - 1:-1]).squeeze(-1).float()
-
-
-def finish_rollout(cfg: PpoConfig, kl_coef: float, ids, attention, P, mask, logp, ref_logp, values, raw_score,
-                   score, finished, prompts, texts) -> Rollout:
-    """Step 4 of PPO: per-token rewards (score on the last token, KL penalty on all), GAE, whitening."""
-    kl = kl_estimate(logp, ref_logp, cfg.kl.estimator) * mask
-    rewards = token_rewards(score, kl, mask, kl_coef)
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return Rollout(ids=ids, attention=attention, prompt_len=P, mask=mask, logp=logp, values=values,
-                   advantages=advantages, returns=returns, score=score, raw_score=raw_score, kl=kl,
-                   finished=finished, prompts=prompts, texts=texts)
 
 
 def normalised_score(raw: torch.Tensor, finished: torch.Tensor, stats: dict, cfg: PpoConfig) -> torch.Tensor:

@@ -10,6 +10,7 @@ models run in inference mode. Per iteration (the numbers are the comments' step 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import random
@@ -23,8 +24,8 @@ import torch.distributed as dist
 from cai.config import PpoConfig, TrainConfig
 from cai.errors import CaiError
 from cai.ppo_math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
-from cai.ppo_rollout import (PolicyRolloutGenerator, finish_rollout, normalised_score, pack, response_logits,
-                             response_values)
+from cai.ppo_rollout import (PolicyRolloutGenerator, Rollout, ScoredSamples, normalised_score, pack,
+                             response_logits, response_values)
 from cai.shards import read_jsonl
 
 COMMITTED = "COMMITTED"
@@ -52,7 +53,7 @@ class PPOWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        from cai.distributed import deepspeed_config, require_bf16_support, skip_single_rank_allreduce, world
+        from cai.distributed import deepspeed_config, lean_allreduce, require_bf16_support, world
         from cai.models import load_tokenizer
 
         self.cfg = PpoConfig(**config["ppo"])
@@ -78,7 +79,7 @@ class PPOWorker:
         self.value, *_ = deepspeed.initialize(model=value, config=ds, optimizer=torch.optim.AdamW(
             value.parameters(), lr=self.cfg.value_lr, fused=True))
         for engine in (self.policy, self.value):
-            skip_single_rank_allreduce(engine, train)
+            lean_allreduce(engine, train)
         self.ref = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype).eval()
         self.reward_fn = None
         if config.get("reward_function"):
@@ -89,6 +90,12 @@ class PPOWorker:
             self.rm = AutoModelForSequenceClassification.from_pretrained(config["reward_model"], dtype=fast).eval()
             self.rm.config.pad_token_id = self.rm_tok.pad_token_id
             self.stats = json.loads(Path(config["reward_model"], "reward_stats.json").read_text())
+        self.parked = {}
+        if self.cfg.offload_inference_models:
+            from cai.parked import ParkedWeights
+
+            self.parked = {name: ParkedWeights(getattr(self, name), self.out / "parked" / f"{name}-{self.rank}.pt")
+                           for name in ("ref", "rm") if hasattr(self, name)}
         self.generator = PolicyRolloutGenerator(self.policy, self.tok, train.zero_stage, fast, config["policy"])
         kl = self.cfg.kl
         self.kl_ctl = AdaptiveKL(kl.coef, kl.target, kl.horizon) if kl.controller == "adaptive" else FixedKL(kl.coef)
@@ -111,21 +118,21 @@ class PPOWorker:
 
     # steps 2-4 ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, step: int):
+    def rollout(self, step: int) -> Rollout | ScoredSamples:
+        """Steps 1-4; in fused mode steps 1-3 (the update's forward gives the policy's log-probs)."""
         prompts = self.batch_prompts(step)
         prompt_ids = [self.generator.generator.chat_ids([{"role": "user", "content": p}], self.max_prompt)
                       for p in prompts]
         t0 = time.time()
         outs = self.generator.generate(prompt_ids, self.cfg.generation, seed=self.seed * 7919 + step * 101 + self.rank)
+        self.generator.release()  # stale from here to the next sync, and not needed before it
         self.timing = {"generate_s": time.time() - t0}
         t0 = time.time()
         ids, attention, mask, P = pack(prompt_ids, [o.ids for o in outs], self.tok.pad_token_id)
         targets = ids[:, P:]
-        ref_logp = logprobs_of(response_logits(self.ref, ids, attention, P), targets) * mask
+        with self.inference("ref") as ref:
+            ref_logp = logprobs_of(response_logits(ref, ids, attention, P), targets) * mask
         values = response_values(self.value.module, ids, attention, P) * mask
-        logp = None
-        if not self.fused:  # else the update's own forward gives them (same weights, no second pass)
-            logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
         texts = [o.text for o in outs]
         finished = torch.tensor([float(o.finished) for o in outs])
         raw = self.score(prompts, texts, [list(o.ids) for o in outs])
@@ -133,8 +140,11 @@ class PPOWorker:
         if self.reward_fn:
             score = score + self.cfg.missing_eos_penalty * (1 - finished)
         self.timing["score_s"] = time.time() - t0
-        args = (ids, attention, P, mask, logp, ref_logp, values, raw, score, finished, prompts, texts)
-        return args if self.fused else finish_rollout(self.cfg, self.kl_ctl.value, *args)
+        samples = ScoredSamples(ids, attention, P, mask, ref_logp, values, raw, score, finished, prompts, texts)
+        if self.fused:
+            return samples
+        logp = logprobs_of(response_logits(self.policy.module, ids, attention, P), targets) * mask
+        return samples.finish(self.cfg, self.kl_ctl.value, logp)
 
     def score(self, prompts: list[str], texts: list[str], response_ids: list[list[int]]) -> torch.Tensor:
         """Preference-model score of each (prompt, response) as text: a reward model with another
@@ -148,7 +158,12 @@ class PPOWorker:
         ids = torch.full((len(seqs), width), self.rm_tok.pad_token_id, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, :len(s)] = torch.tensor(s)
-        return self.rm(input_ids=ids, attention_mask=(ids != self.rm_tok.pad_token_id).long()).logits[:, 0].float()
+        with self.inference("rm") as rm:
+            return rm(input_ids=ids, attention_mask=(ids != self.rm_tok.pad_token_id).long()).logits[:, 0].float()
+
+    def inference(self, name: str):
+        """The reference ("ref") or preference model ("rm"), mapped in for the block when offloaded."""
+        return self.parked[name].loaded() if name in self.parked else contextlib.nullcontext(getattr(self, name))
 
     # step 5 -------------------------------------------------------------------------------------------
     @property
@@ -157,14 +172,13 @@ class PPOWorker:
         forward (with grad) also gives the old log-probs, detached (the old values come from the rollout)."""
         return self.cfg.ppo_epochs == 1 and self.cfg.minibatch >= self.cfg.rollout_batch
 
-    def update_fused(self, pending: tuple):
+    def update_fused(self, samples: ScoredSamples) -> tuple[Rollout, dict[str, float]]:
         """The policy's forward, backward and step, then the value model's: one autograd graph alive at
         a time (both at once cost 0.5 GB more at the peak than the value forward they save)."""
-        ids, attention, P, mask, _, ref_logp, old_values, raw, score, finished, prompts, texts = pending
+        ids, attention, P, mask = samples.ids, samples.attention, samples.prompt_len, samples.mask
         logits = response_logits(self.policy, ids, attention, P)
         logp = logprobs_of(logits, ids[:, P:]) * mask
-        r = finish_rollout(self.cfg, self.kl_ctl.value, ids, attention, P, mask, logp.detach(), ref_logp,
-                           old_values, raw, score, finished, prompts, texts)
+        r = samples.finish(self.cfg, self.kl_ctl.value, logp.detach())
         pl, entropy, pstats = self.policy_objective(logits, logp, r.logp, r.advantages, mask)
         del logits, logp
         if not all_ranks_true(bool(torch.isfinite(pl))):
@@ -311,7 +325,6 @@ class PPOWorker:
         for step in range(start, self.cfg.steps):
             self.step, t0 = step, time.time()
             r = self.rollout(step)                                   # steps 1-4
-            self.generator.release()
             t_update = time.time()
             if self.fused:
                 r, update = self.update_fused(r)                     # steps 4-5 in one pass
@@ -337,6 +350,8 @@ class PPOWorker:
             if (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.cfg.steps:
                 self.save(step + 1)
         self.save_model(self.out / "model.tmp")
+        for parked in self.parked.values():
+            parked.delete()
         from cai.distributed import peak_rss_gb
 
         return {"steps": self.cfg.steps, "resumed_from_step": start, "skipped_steps": self.skipped,
@@ -344,8 +359,6 @@ class PPOWorker:
                 "final": last, "peak_rss_gb": peak_rss_gb()}
 
     def save_model(self, folder: Path) -> None:
-        import contextlib
-
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(self.policy.module.parameters())) \

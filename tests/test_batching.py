@@ -1,6 +1,6 @@
 import random
 
-from cai.batching import epoch_order
+from cai.batching import dealt_order, epoch_order
 
 
 def padded_cost(order, lengths, per_step):
@@ -44,3 +44,23 @@ def test_windows_bound_the_sorting_and_a_short_step_stays_last():
         assert any(set(order[k:k + 2]) <= w for w in windows)
         assert lengths[order[k]] > lengths[order[k + 1]]  # longest first within a step
     assert order[-1] == shuffled[8]  # the short last step is not shuffled into the middle
+
+
+def test_dealt_order_gives_every_rank_the_same_share_of_each_step():
+    """2 ranks x 2 rows x 2 micro-steps: batch i of the sequence goes to rank i % 2."""
+    lengths = [random.Random(i).randint(5, 300) for i in range(40)]
+    order = dealt_order(lengths, batch_size=2, world=2, grad_accum=2, key="3", group_by_length=True, epochs=2)
+    assert len(order) == 80 and sorted(order[:40]) == sorted(order[40:]) == list(range(40))
+    assert order[40:] != order[:40]  # each epoch its own shuffle
+    first = epoch_order(lengths, 8, "3|epoch0", True)[:8]  # the first step: 8 rows, longest first
+    batches = [order[k:k + 2] for k in range(0, 8, 2)]  # micro 0: ranks 0, 1; micro 1: ranks 0, 1
+    assert batches == [[first[0], first[2]], [first[1], first[3]], [first[4], first[6]], [first[5], first[7]]]
+    for k in range(0, 40, 8):  # every step and micro-step: rank 0's longest row is the longer by one place only
+        for m in (k, k + 4):
+            r0, r1 = order[m:m + 2], order[m + 2:m + 4]
+            assert max(lengths[i] for i in r0) >= max(lengths[i] for i in r1)
+
+
+def test_dealt_order_on_one_rank_is_the_epoch_order():
+    lengths = [random.Random(i).randint(5, 300) for i in range(20)]
+    assert dealt_order(lengths, 4, 1, 1, "0", True, 1) == epoch_order(lengths, 4, "0|epoch0", True)

@@ -111,6 +111,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     shutil.rmtree(out / "model", ignore_errors=True)
     os.replace(out / "model.tmp", out / "model")
     shutil.rmtree(out / "ray", ignore_errors=True)
+    shutil.rmtree(out / "parked", ignore_errors=True)
     final = summary.pop("final", {})
     return {**summary, "wall_s": round(time.time() - t0, 1), "reward_tokenizer": "same" if _same_tokenizer(
         policy, reward) else "re-tokenised from text", **{f"last_{k}": final.get(k) for k in (

@@ -99,8 +99,7 @@ def train_worker(config: dict) -> dict:
 
     from cai.batching import epoch_order
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import (deepspeed_config, peak_rss_gb, require_bf16_support, skip_single_rank_allreduce,
-                                 world)
+    from cai.distributed import deepspeed_config, lean_allreduce, peak_rss_gb, require_bf16_support, world
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
@@ -121,7 +120,7 @@ def train_worker(config: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, hf_auto=False, world_size=size))
-    skip_single_rank_allreduce(engine, train)
+    lean_allreduce(engine, train)
     lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in train_rows]
     start, ckpt = 0, config["checkpoint_dir"]
     if os.path.exists(os.path.join(ckpt, "latest")):

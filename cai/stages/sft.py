@@ -4,13 +4,15 @@ Steps:
   1. mix the data: every revision row from critique_revise, plus `helpful_ratio` helpfulness rows per
      revision row (seeded choice), shuffled; trl conversational prompt/completion rows, so the loss
      falls on the completion only;
-  2. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers;
-     trainer checkpoints go to trainer/, and a rerun resumes from the last one;
+  2. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers, the
+     rows in our order (grouped by length, each step's rows dealt evenly across ranks); trainer
+     checkpoints go to trainer/, and a rerun resumes from the last one;
   3. save an HF checkpoint (ZeRO-3 weights gathered) to model.tmp/, check it loads, rename to model/.
 On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_worker=1 sft.train.bf16=true`.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -43,6 +45,20 @@ def mix_rows(revisions: list[dict], helpful: list[dict], ratio: float, seed: int
     return rows
 
 
+def step_order(rows: list[dict], cfg: PipelineConfig, model: str) -> tuple[list[int], int]:
+    """Row order for the trainer (read in sequence; cai/batching.py deals each step's rows across ranks,
+    grouped by token length when `sft.group_by_length`) -> (order, passes over the data it holds)."""
+    from cai.batching import dealt_order
+    from cai.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    lengths = [len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=True)["input_ids"])
+               for r in rows]
+    train, passes = cfg.sft.train, math.ceil(cfg.sft.train.epochs)
+    return dealt_order(lengths, train.batch_size, train.workers, train.grad_accum, f"{cfg.seed}|sft",
+                       cfg.sft.group_by_length, passes), passes
+
+
 def train_worker(config: dict) -> dict:
     """Runs on every Ray Train worker (one DeepSpeed rank each)."""
     import torch
@@ -54,9 +70,10 @@ def train_worker(config: dict) -> dict:
     rank, _ = world()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     trainer_dir = config["trainer_dir"]
-    args = trainer_args(SFTConfig, "sft", train, trainer_dir, config["seed"], rank,
-                        include_num_input_tokens_seen="non_padding",
-                        train_sampling_strategy="group_by_length" if config["group_by_length"] else "random")
+    # the data holds `passes` epochs in our order (one shuffle per epoch), read once in sequence
+    per_pass = train.model_copy(update={"epochs": train.epochs / config["passes"]})
+    args = trainer_args(SFTConfig, "sft", per_pass, trainer_dir, config["seed"], rank,
+                        include_num_input_tokens_seen="non_padding", train_sampling_strategy="sequential")
     trainer, result, last = train_hf(SFTTrainer, args, config, "right", rank, train)
     metrics = result.metrics
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
@@ -76,12 +93,14 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
         raise CaiError(f"{source / 'sft_revisions.jsonl'}: no training rows")
     if not (out / "train.jsonl").exists():  # a resumed run must see the very same data
         write_jsonl(out / "train.jsonl", rows)
-    # step 2: train on Ray Train + DeepSpeed
+    # step 2: train on Ray Train + DeepSpeed, in an order whose steps give every rank similar lengths
+    model = str(resolve_model(base_model(cfg)))
+    order, passes = step_order(rows, cfg, model)
     model_tmp = out / "model.tmp"
     shutil.rmtree(model_tmp, ignore_errors=True)
-    config = {"train": cfg.sft.train.model_dump(), "base_model": str(resolve_model(base_model(cfg))),
-              "data": str(out / "train.jsonl"), "trainer_dir": str(out / "trainer"), "model_tmp": str(model_tmp),
-              "seed": cfg.seed, "group_by_length": cfg.sft.group_by_length}
+    config = {"train": cfg.sft.train.model_dump(), "base_model": model, "data": str(out / "train.jsonl"),
+              "order": order, "passes": passes, "trainer_dir": str(out / "trainer"), "model_tmp": str(model_tmp),
+              "seed": cfg.seed}
     summary = run_training(train_worker, config, cfg.sft.train, cfg.ray, out / "ray", "sft")
     # step 3: commit the checkpoint only once it loads
     if not (model_tmp / "config.json").exists() or not list(model_tmp.glob("*.safetensors")):

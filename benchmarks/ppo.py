@@ -7,8 +7,8 @@ reward and value model (4 models), batch 4 prompts, 32 new tokens, 1 PPO epoch, 
 the same prompts: in fp32, and in bf16 mixed precision (ours: DeepSpeed bf16 with fp32 master weights
 and the reference in bf16; trl: accelerate's bf16 autocast). trl 1.12 (the last release with
 PPOTrainer) is installed only into benchmarks/.venv-trl112, never into the package's environment.
-By default the reference and preference models are offloaded to a memory-mapped file between
-rollouts (`ppo.offload_inference_models`); "no offload" keeps them in memory.
+"offloaded": the reference and preference models wait in a memory-mapped file between rollouts
+(`ppo.offload_inference_models=true`; by default they stay in memory).
 Each configuration runs in its own process (its peak RSS is that process's; ours is the training
 worker's). Step time is the mean over steps after the first (warm-up shown apart).
 `--only TEXT` runs only our configurations whose label contains TEXT; `--ours-only` skips trl.
@@ -119,9 +119,10 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str])
 
 OURS = {  # label -> overrides of the default pipeline
     "cai PPO, fp32": [],
-    "cai PPO, fp32, no offload": ["ppo.offload_inference_models=false"],
-    "cai PPO, fp32, bf16 reference": ["ppo.reference_dtype=bfloat16"],
-    "cai PPO, bf16 mixed precision": ["ppo.train.bf16=true", "ppo.reference_dtype=bfloat16"],
+    "cai PPO, fp32, offloaded": ["ppo.offload_inference_models=true"],
+    "cai PPO, fp32, bf16 reference, offloaded": ["ppo.reference_dtype=bfloat16", "ppo.offload_inference_models=true"],
+    "cai PPO, bf16 mixed precision, offloaded": ["ppo.train.bf16=true", "ppo.reference_dtype=bfloat16",
+                                                 "ppo.offload_inference_models=true"],
 }
 TRL = {"trl 1.12 PPOTrainer, fp32": "fp32", "trl 1.12 PPOTrainer, bf16 (autocast)": "bf16"}
 BASE = "trl 1.12 PPOTrainer, fp32"

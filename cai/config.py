@@ -166,8 +166,8 @@ class PpoConfig(Strict):
         None, description="dtype of the reference model; None: the policy's (bfloat16 halves its memory, "
                           "at ~1e-2 nats of noise per token in the KL)")
     offload_inference_models: bool = Field(
-        True, description="between rollouts keep the reference and preference models in a memory-mapped file "
-                          "(CPU): the update's memory peak drops by their size, for a page-cache read per step")
+        False, description="between rollouts keep the reference and preference models in a memory-mapped file "
+                           "(CPU runs short of memory): -0.3 to -0.6 GB of peak here, +5-10% step time")
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 

@@ -74,8 +74,9 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model
     clean = copy_run(upstream, tmp_path / "clean")
     cai(*args(tiny_model, clean, *common))
     killed = copy_run(upstream, tmp_path / "killed")
+    offloaded = [*common, "ppo.offload_inference_models=true"]  # the same numbers with the models offloaded
     env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, killed, *common)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, killed, *offloaded)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed / "ppo" / "checkpoints" / "step-000002.COMMITTED"
     deadline = time.time() + 300
@@ -86,7 +87,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model
     assert committed and not (killed / "ppo" / "_COMPLETE.json").exists(), "the kill must land mid-run"
     resumed_at = int(committed[-1].split("-")[1].split(".")[0])
     assert resumed_at < 8
-    cai(*args(tiny_model, killed, *common))
+    cai(*args(tiny_model, killed, *offloaded))
+    assert not (killed / "ppo" / "parked").exists()
     summary = json.loads((killed / "ppo" / "_COMPLETE.json").read_text())["summary"]
     assert summary["resumed_from_step"] == resumed_at
     a, b = metrics(clean), metrics(killed)

@@ -3,8 +3,9 @@
 PPO runs the reference and preference models once per iteration, during the rollout; held in memory
 they also sit through the update, which is the memory peak (the policy's gradients and activations).
 Parked, their weights live in a file that is memory-mapped only while they run: clean file pages the
-kernel can drop under pressure, and which leave the process's resident set when unmapped. Reading
-them back from the page cache costs a few tenths of a second per iteration.
+kernel can drop under pressure, and which leave the process's resident set when unmapped. A mapped
+forward costs about 0.03 s more than a resident one here, but the PPO step as a whole measured 5-10%
+slower (the update's memory is no longer recycled), for 0.3-0.6 GB less at the peak.
 """
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+
+def drop_weights(model: torch.nn.Module) -> None:
+    """Free every parameter's storage (empty tensors of the same dtype and device); the module keeps
+    its structure, and `.data = ...` fills it again."""
+    for p in model.parameters():
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 class ParkedWeights:
@@ -27,8 +35,7 @@ class ParkedWeights:
         self.park()
 
     def park(self) -> None:
-        for p in self.model.parameters():
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        drop_weights(self.model)
 
     @contextmanager
     def loaded(self):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from cai.config import GenerationConfig, PpoConfig
+from cai.parked import drop_weights
 from cai.ppo_math import gae, kl_estimate, token_rewards, whiten
 
 
@@ -88,8 +89,7 @@ class PolicyRolloutGenerator:
         """Free the copy's weights while the policy trains (they are stale then, and the update is the
         memory peak); `sync` brings them back from the updated policy."""
         if self.copy is not None:
-            for p in self.copy.parameters():
-                p.data = torch.empty(0, dtype=p.dtype)
+            drop_weights(self.copy)
 
     @torch.no_grad()
     def sync(self, policy) -> None:

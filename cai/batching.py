@@ -36,12 +36,19 @@ def dealt_order(lengths: list[int], batch_size: int, world: int, grad_accum: int
     Each optimizer step's rows come from `epoch_order`; within a step, micro-step g of rank r gets
     the step's rows g*world*batch_size + r, + 2r, ... (every world-th, as the reward model's loop deals
     them), so with length grouping every rank holds rows of similar length and none waits for the
-    others. Dealing consecutive batches instead gives rank 0 the longer of each pair every step."""
+    others. Dealing consecutive batches instead gives rank 0 the longer of each pair every step.
+
+    The trainer cuts the whole sequence into steps, so a short last step in an epoch before the last
+    would shift every step of the next one: it is completed from the start of its own epoch's order
+    (a few rows seen twice, as torch's DistributedSampler pads)."""
     per_micro = batch_size * world
     per_step = per_micro * grad_accum
     order: list[int] = []
     for epoch in range(epochs):
         rows = epoch_order(lengths, per_step, f"{key}|epoch{epoch}", group_by_length)
+        short = len(rows) % per_step
+        if epoch < epochs - 1 and short:
+            rows += (rows * per_step)[:per_step - short]
         for start in range(0, len(rows), per_step):
             step = rows[start:start + per_step]
             if len(step) < per_step:  # the short last step: as it comes

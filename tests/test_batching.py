@@ -64,3 +64,16 @@ def test_dealt_order_gives_every_rank_the_same_share_of_each_step():
 def test_dealt_order_on_one_rank_is_the_epoch_order():
     lengths = [random.Random(i).randint(5, 300) for i in range(20)]
     assert dealt_order(lengths, 4, 1, 1, "0", True, 1) == epoch_order(lengths, 4, "0|epoch0", True)
+
+
+def test_dealt_order_keeps_steps_aligned_across_epochs():
+    """10 rows, 4 a step: epoch 0 is completed to 12 rows from its own start, so epoch 1 starts on a
+    step boundary; the last epoch keeps its short step."""
+    lengths = [random.Random(i).randint(5, 300) for i in range(10)]
+    order = dealt_order(lengths, batch_size=2, world=2, grad_accum=1, key="5", group_by_length=False, epochs=2)
+    first, second = epoch_order(lengths, 4, "5|epoch0", False), epoch_order(lengths, 4, "5|epoch1", False)
+    assert len(order) == 12 + 10
+    assert sorted(order[:12]) == sorted(list(range(10)) + first[:2])  # every row, two of them twice
+    assert order[8:12] == [first[8], first[0], first[9], first[1]]  # the completed step, dealt
+    assert order[12:20] == [second[k] for k in (0, 2, 1, 3, 4, 6, 5, 7)]  # epoch 1 dealt from a boundary
+    assert order[20:] == second[8:]

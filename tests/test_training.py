@@ -161,3 +161,20 @@ def test_partial_trainer_checkpoints_are_not_resumed_from(tmp_path):
             (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
     assert not (tmp_path / "checkpoint-12").exists()
+
+
+def malloc_settings(config: dict) -> dict:
+    """In a training worker: the MALLOC_* variables its process started with (what glibc reads)."""
+    pairs = [v.split("=", 1) for v in Path("/proc/self/environ").read_text().split("\0") if v.startswith("MALLOC_")]
+    return dict(pairs)
+
+
+def test_training_workers_start_with_the_configured_allocator(tmp_path):
+    from cai.config import RayConfig, TrainConfig
+    from cai.distributed import run_training, worker_env
+
+    train = TrainConfig(workers=1, cpus_per_worker=1)
+    seen = run_training(malloc_settings, {}, train, RayConfig(), tmp_path, "env")
+    assert seen == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+    off = worker_env(train.model_copy(update={"keep_freed_memory": False}))
+    assert {k: v for k, v in off.items() if k.startswith("MALLOC_")} == {"MALLOC_ARENA_MAX": "2"}

@@ -90,7 +90,7 @@ class TrainConfig(Strict):
     max_length: int = Field(1024, ge=16, description="tokens per training sequence")
     save_steps: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
     keep_freed_memory: bool = Field(True, description="workers' malloc keeps freed memory for the next step "
-                                     "instead of returning it to the OS (faster on CPU; ZeRO-2 peaks higher)")
+                                     "instead of returning it to the OS (faster on CPU, higher peak RSS)")
 
 
 class SftConfig(Strict):

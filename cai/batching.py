@@ -48,7 +48,7 @@ def dealt_order(lengths: list[int], batch_size: int, world: int, grad_accum: int
         rows = epoch_order(lengths, per_step, f"{key}|epoch{epoch}", group_by_length)
         short = len(rows) % per_step
         if epoch < epochs - 1 and short:
-            rows += (rows * per_step)[:per_step - short]
+            rows += [rows[i % len(rows)] for i in range(per_step - short)]
         for start in range(0, len(rows), per_step):
             step = rows[start:start + per_step]
             if len(step) < per_step:  # the short last step: as it comes

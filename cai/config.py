@@ -169,7 +169,7 @@ class PpoConfig(Strict):
                           "at ~1e-2 nats of noise per token in the KL)")
     offload_inference_models: bool = Field(
         False, description="between rollouts keep the reference and preference models in a memory-mapped file "
-                           "(CPU runs short of memory): -0.3 to -0.6 GB of peak here, +5-10% step time")
+                           "(CPU runs short of memory): about -0.3 GB of peak here, +4% step time")
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 

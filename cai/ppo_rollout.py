@@ -44,7 +44,7 @@ class ScoredSamples:
     prompt_len: int            # P
     mask: torch.Tensor         # (B, A)
     ref_logp: torch.Tensor     # (B, A) log π_ref(a_t | s_t)
-    values: torch.Tensor       # (B, A) V_old(s_t)
+    values: torch.Tensor | None  # (B, A) V_old(s_t); None until the update's value forward gives it
     raw_score: torch.Tensor    # (B,)
     score: torch.Tensor        # (B,)
     finished: torch.Tensor     # (B,)

@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cai import checkpointing
+from cai.checkpointing import recomputing
 from cai.config import PpoConfig, TrainConfig
 from cai.errors import CaiError
 from cai.ppo_math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
+from cai.progress import ppo_step_lines, tensorboard_writer
 from cai.ppo_rollout import (PolicyRolloutGenerator, Rollout, ScoredSamples, normalised_score, pack,
                              response_logits, response_values)
 from cai.shards import read_jsonl
@@ -53,7 +56,8 @@ class PPOWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        from cai.distributed import deepspeed_config, lean_allreduce, require_bf16_support, world
+        from cai.distributed import (allocate_optimizer_state, deepspeed_config, lean_allreduce,
+                                     require_bf16_support, world)
         from cai.models import load_tokenizer
 
         self.cfg = PpoConfig(**config["ppo"])
@@ -71,6 +75,8 @@ class PPOWorker:
         value = AutoModelForSequenceClassification.from_pretrained(config["value_init"], num_labels=1,
                                                                    dtype=torch.float32)
         value.config.pad_token_id = self.tok.pad_token_id
+        for model in (policy, value):
+            checkpointing.enable(model, train.activation_checkpointing)
         ds = deepspeed_config(train, hf_auto=False, world_size=self.world)
         # fused AdamW: one vectorised pass per tensor (the for-loop one is 0.5 s a step here, and the
         # multi-tensor one allocates temporaries the size of all parameters at once)
@@ -79,6 +85,7 @@ class PPOWorker:
         self.value, *_ = deepspeed.initialize(model=value, config=ds, optimizer=torch.optim.AdamW(
             value.parameters(), lr=self.cfg.value_lr, fused=True))
         for engine in (self.policy, self.value):
+            allocate_optimizer_state(engine.optimizer, train)  # before FlatGradients attaches its gradient views
             lean_allreduce(engine, train)
         self.ref = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype).eval()
         self.reward_fn = None
@@ -132,7 +139,7 @@ class PPOWorker:
         targets = ids[:, P:]
         with self.inference("ref") as ref:
             ref_logp = logprobs_of(response_logits(ref, ids, attention, P), targets) * mask
-        values = response_values(self.value.module, ids, attention, P) * mask
+        values = None if self.values_in_update else response_values(self.value.module, ids, attention, P) * mask
         texts = [o.text for o in outs]
         finished = torch.tensor([float(o.finished) for o in outs])
         raw = self.score(prompts, texts, [list(o.ids) for o in outs])
@@ -172,10 +179,21 @@ class PPOWorker:
         forward (with grad) also gives the old log-probs, detached (the old values come from the rollout)."""
         return self.cfg.ppo_epochs == 1 and self.cfg.minibatch >= self.cfg.rollout_batch
 
+    @property
+    def values_in_update(self) -> bool:
+        """Fused, with every layer recomputing its activations: the value forward of the update (with
+        grad) also gives the old values, and its graph holds little more than the layers' inputs."""
+        return self.fused and self.cfg.train.activation_checkpointing == 1
+
     def update_fused(self, samples: ScoredSamples) -> tuple[Rollout, dict[str, float]]:
         """The policy's forward, backward and step, then the value model's: one autograd graph alive at
-        a time (both at once cost 0.5 GB more at the peak than the value forward they save)."""
+        a time (both at once cost 0.5 GB more at the peak than the value forward they save), unless
+        the layers recompute their activations (`values_in_update`)."""
         ids, attention, P, mask = samples.ids, samples.attention, samples.prompt_len, samples.mask
+        values = None
+        if samples.values is None:
+            values = response_values(self.value.module, ids, attention, P) * mask
+            samples.values = values.detach()
         logits = response_logits(self.policy, ids, attention, P)
         logp = logprobs_of(logits, ids[:, P:]) * mask
         r = samples.finish(self.cfg, self.kl_ctl.value, logp.detach())
@@ -186,7 +204,8 @@ class PPOWorker:
             return r, {"policy_loss": pl.item(), "value_loss": float("nan"), "entropy": entropy.item(), **pstats,
                        "value_clip_frac": 0.0}
         stepped = self.step_engine(self.policy, pl)
-        values = response_values(self.value.module, ids, attention, P) * mask
+        if values is None:
+            values = response_values(self.value.module, ids, attention, P) * mask
         vl, vstats = value_loss(values, r.values, r.returns, mask, self.cfg.value_clip)
         self.record(all_ranks_true(bool(torch.isfinite(vl))) and self.step_engine(self.value, vl) and stepped)
         return r, {"policy_loss": pl.item(), "value_loss": vl.item(), "entropy": entropy.item(), **pstats, **vstats}
@@ -319,17 +338,18 @@ class PPOWorker:
             kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
                     if json.loads(line)["step"] <= start]
             log.write_text("".join(line + "\n" for line in kept))  # a resumed run rewrites later steps
-            writer = _tensorboard(self.out / "tensorboard")
-            progress = _progress(self.cfg.steps, start)
+            writer = tensorboard_writer(self.out / "tensorboard")
+            progress = ppo_step_lines(self.cfg.steps, start)
         last = {}
         for step in range(start, self.cfg.steps):
             self.step, t0 = step, time.time()
             r = self.rollout(step)                                   # steps 1-4
             t_update = time.time()
-            if self.fused:
-                r, update = self.update_fused(r)                     # steps 4-5 in one pass
-            else:
-                update = self.update(r, step)                        # step 5
+            with recomputing(self.policy.module, self.value.module):
+                if self.fused:
+                    r, update = self.update_fused(r)                 # steps 4-5 in one pass
+                else:
+                    update = self.update(r, step)                    # step 5
             update = {**update, **self.timing, "update_s": time.time() - t_update}
             last = self.metrics(step, r, update, time.time() - t0)   # step 6
             self.kl_ctl.update(last["kl"], len(r.texts) * self.world)
@@ -367,27 +387,6 @@ class PPOWorker:
             if self.rank == 0:
                 self.policy.module.save_pretrained(folder, safe_serialization=True)
                 self.tok.save_pretrained(folder)
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder))
-
-
-def _progress(total: int, start: int):
-    """One line per step: the training loop runs in a Ray worker, whose output is a log, not a terminal."""
-    def show(m: dict) -> None:
-        print(f"ppo step {m['step']}/{total}: reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} "
-              f"(β {m['kl_coef']:.4f}) entropy {m['entropy']:.2f} pl {m['policy_loss']:+.4f} "
-              f"vl {m['value_loss']:.4f} clip {m['clip_frac']:.2f} len {m['response_length']:.1f} "
-              f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
-              + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
-    if start:
-        print(f"ppo: resumed at step {start}/{total}", flush=True)
-    return show
 
 
 def train_worker(config: dict) -> dict:

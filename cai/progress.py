@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -42,3 +43,24 @@ class RowProgress:
 
     def __exit__(self, *exc):
         self._bar.__exit__(*exc)
+
+
+def tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(folder))
+
+
+def ppo_step_lines(total: int, start: int):
+    """One line per step: the training loop runs in a Ray worker, whose output is a log, not a terminal."""
+    def show(m: dict) -> None:
+        print(f"ppo step {m['step']}/{total}: reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} "
+              f"(β {m['kl_coef']:.4f}) entropy {m['entropy']:.2f} pl {m['policy_loss']:+.4f} "
+              f"vl {m['value_loss']:.4f} clip {m['clip_frac']:.2f} len {m['response_length']:.1f} "
+              f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
+              + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
+    if start:
+        print(f"ppo: resumed at step {start}/{total}", flush=True)
+    return show

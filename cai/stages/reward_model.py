@@ -98,8 +98,11 @@ def train_worker(config: dict) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from cai.batching import epoch_order
+    from cai import checkpointing
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import deepspeed_config, lean_allreduce, peak_rss_gb, require_bf16_support, world
+    from cai.checkpointing import recomputing
+    from cai.distributed import (allocate_optimizer_state, deepspeed_config, lean_allreduce, peak_rss_gb,
+                                 require_bf16_support, world)
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
@@ -112,6 +115,7 @@ def train_worker(config: dict) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(config["base_model"], num_labels=1,
                                                                dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    checkpointing.enable(model, train.activation_checkpointing)
     train_rows = encode(tokenizer, read_jsonl(config["train_data"]), train.max_length)
     eval_rows = encode(tokenizer, read_jsonl(config["eval_data"]), train.max_length)
     per_step = train.batch_size * size
@@ -120,6 +124,7 @@ def train_worker(config: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, hf_auto=False, world_size=size))
+    allocate_optimizer_state(optimizer, train)  # before FlatGradients attaches its gradient views
     lean_allreduce(engine, train)
     lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in train_rows]
     start, ckpt = 0, config["checkpoint_dir"]
@@ -133,7 +138,8 @@ def train_worker(config: dict) -> dict:
             order = epoch_order(lengths, per_step, f"{config['seed']}|epoch{epoch}", config["group_by_length"])
         batch = [train_rows[i] for i in order[k * per_step + rank:(k + 1) * per_step:size]]
         ids, mask, p = collate(batch, tokenizer.pad_token_id)
-        r = rewards(engine, ids, mask)
+        with recomputing(engine.module):
+            r = rewards(engine, ids, mask)
         loss = soft_bradley_terry(r[:len(batch)], r[len(batch):], p)
         engine.backward(loss)
         engine.step()

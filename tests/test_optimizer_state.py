@@ -1,0 +1,46 @@
+"""Adam's moments allocated before the first step change nothing about the steps that follow."""
+from __future__ import annotations
+
+import torch
+
+from cai.config import TrainConfig
+from cai.distributed import allocate_optimizer_state
+
+
+def _steps(primed: bool, fused: bool) -> tuple[list[torch.Tensor], dict]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
+    if primed:
+        before = [p.detach().clone() for p in model.parameters()]
+        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0))
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # nothing moved
+        assert all(p.grad is None for p in model.parameters())
+        state = optimizer.state[model[0].weight]
+        assert float(state["step"]) == 0.0 and float(state["exp_avg"].abs().max()) == 0.0
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 5, generator=gen)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [p.detach() for p in model.parameters()], optimizer.state_dict()
+
+
+def test_allocated_optimizer_state_gives_bit_identical_steps():
+    for fused in (True, False):
+        lazy, lazy_state = _steps(primed=False, fused=fused)
+        primed, primed_state = _steps(primed=True, fused=fused)
+        assert all(torch.equal(a, b) for a, b in zip(lazy, primed))
+        for k, s in lazy_state["state"].items():
+            t = primed_state["state"][k]
+            assert float(s["step"]) == float(t["step"]) == 3.0
+            assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
+
+
+def test_optimizer_state_is_left_lazy_where_deepspeed_owns_it():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    allocate_optimizer_state(optimizer, TrainConfig(zero_stage=2))
+    allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0, bf16=True))
+    assert len(optimizer.state) == 0

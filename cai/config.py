@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.errors import CaiError
 from cai.yamlfile import load_value, read_yaml, validate_yaml
@@ -180,6 +180,14 @@ class DpoConfig(Strict):
     min_p_chosen: float = Field(0.6, ge=0.5, le=1, description="drop pairs whose soft label is less confident")
     beta: float = Field(0.1, gt=0)
     train: TrainConfig = TrainConfig(learning_rate=5e-7)
+
+    @field_validator("train")
+    @classmethod
+    def _every_layer_or_none(cls, train: TrainConfig) -> TrainConfig:
+        # trl's DPOTrainer turns checkpointing off for the reference forward and on again for every layer
+        if train.activation_checkpointing > 1:
+            raise ValueError("activation_checkpointing: trl's DPOTrainer recomputes every layer or none; use 1 or 0")
+        return train
 
 
 class PipelineConfig(Strict):

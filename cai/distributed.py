@@ -50,7 +50,8 @@ def trainer_args(config_cls, section: str, train: TrainConfig, output_dir: str, 
         save_steps=train.save_steps, save_total_limit=2, logging_steps=1, report_to="none",
         use_cpu=train.gpus_per_worker == 0, bf16=train.bf16,
         activation_checkpointing=train.activation_checkpointing > 0,
-        activation_checkpointing_kwargs={"every_n_layers": train.activation_checkpointing or 1},
+        activation_checkpointing_kwargs={"every_n_layers": train.activation_checkpointing}
+        if train.activation_checkpointing > 1 else None,
         deepspeed=deepspeed_config(train), seed=seed, dataloader_pin_memory=False, disable_tqdm=rank != 0, **extra)
 
 

@@ -51,6 +51,8 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("name: [unclosed\n", "p.yaml:2: malformed YAML"),
     ("", "p.yaml: file is empty"),
     ("- a\n- b\n", "expected a mapping"),
+    (GOOD + "dpo: {train: {activation_checkpointing: 2}}\n",
+     "p.yaml:9: key 'dpo.train': Value error, activation_checkpointing: trl's DPOTrainer recomputes every layer"),
 ])
 def test_bad_config_is_one_line_naming_file_line_key(tmp_path, text, expected):
     with pytest.raises(CaiError) as e:

@@ -1,6 +1,8 @@
 """Adam's moments allocated before the first step change nothing about the steps that follow."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from cai.config import TrainConfig
@@ -44,3 +46,30 @@ def test_optimizer_state_is_left_lazy_where_deepspeed_owns_it():
     allocate_optimizer_state(optimizer, TrainConfig(zero_stage=2))
     allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0, bf16=True))
     assert len(optimizer.state) == 0
+
+
+def test_a_resumed_optimizer_loads_over_allocated_state():
+    """A run resumed from a checkpoint allocates, then loads the saved state over it: the next step is
+    the uninterrupted run's."""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0))
+        return model, optimizer
+
+    def step(model, optimizer, seed):
+        model(torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    a, opt_a = make()
+    for seed in (1, 2):
+        step(a, opt_a, seed)
+    b, opt_b = make()
+    b.load_state_dict(a.state_dict())
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # a checkpoint's own tensors, as torch.load gives
+    step(a, opt_a, 3)
+    step(b, opt_b, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert float(opt_b.state[b.weight]["step"]) == 3.0

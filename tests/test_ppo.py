@@ -69,8 +69,10 @@ def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, upstream, tmp_p
     assert (out / "ppo" / "samples.jsonl").exists()
 
 
-def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model, upstream, tmp_path):
-    common = ["--stages", "ppo", "ppo.steps=8", "ppo.train.save_steps=2", "ppo.generation.max_new_tokens=12"]
+@pytest.mark.parametrize("zero_stage", [0, 2])  # 0 as the default pipeline's PPO: Adam's state allocated up front
+def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model, upstream, tmp_path, zero_stage):
+    common = ["--stages", "ppo", "ppo.steps=8", "ppo.train.save_steps=2", "ppo.generation.max_new_tokens=12",
+              f"ppo.train.zero_stage={zero_stage}"]
     clean = copy_run(upstream, tmp_path / "clean")
     cai(*args(tiny_model, clean, *common))
     killed = copy_run(upstream, tmp_path / "killed")

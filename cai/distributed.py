@@ -123,6 +123,13 @@ def lean_allreduce(engine, train: TrainConfig) -> None:
         FlatGradients(engine)
 
 
+def lean_engine(engine, train: TrainConfig) -> None:
+    """Our own loops' DeepSpeed engines (PPO, reward model): Adam's state allocated up front, then the lean
+    all-reduce; in this order, since the zero-gradient step would replace FlatGradients' gradient views."""
+    allocate_optimizer_state(engine.optimizer, train)
+    lean_allreduce(engine, train)
+
+
 def allocate_optimizer_state(optimizer, train: TrainConfig) -> None:
     """torch's Adam allocates its moments at the first step, amid that step's activations and gradients,
     where they split the heap that later steps reuse. Allocated here instead, by a step with zero

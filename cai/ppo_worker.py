@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 
 from cai import checkpointing
-from cai.checkpointing import recomputing
 from cai.config import PpoConfig, TrainConfig
 from cai.errors import CaiError
 from cai.ppo_math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, masked_mean, policy_loss, value_loss
@@ -56,8 +55,7 @@ class PPOWorker:
         import deepspeed
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        from cai.distributed import (allocate_optimizer_state, deepspeed_config, lean_allreduce,
-                                     require_bf16_support, world)
+        from cai.distributed import deepspeed_config, lean_engine, require_bf16_support, world
         from cai.models import load_tokenizer
 
         self.cfg = PpoConfig(**config["ppo"])
@@ -85,8 +83,7 @@ class PPOWorker:
         self.value, *_ = deepspeed.initialize(model=value, config=ds, optimizer=torch.optim.AdamW(
             value.parameters(), lr=self.cfg.value_lr, fused=True))
         for engine in (self.policy, self.value):
-            allocate_optimizer_state(engine.optimizer, train)  # before FlatGradients attaches its gradient views
-            lean_allreduce(engine, train)
+            lean_engine(engine, train)
         self.ref = AutoModelForCausalLM.from_pretrained(config["policy"], dtype=dtype).eval()
         self.reward_fn = None
         if config.get("reward_function"):
@@ -345,7 +342,7 @@ class PPOWorker:
             self.step, t0 = step, time.time()
             r = self.rollout(step)                                   # steps 1-4
             t_update = time.time()
-            with recomputing(self.policy.module, self.value.module):
+            with checkpointing.recomputing(self.policy.module, self.value.module):
                 if self.fused:
                     r, update = self.update_fused(r)                 # steps 4-5 in one pass
                 else:

@@ -97,12 +97,10 @@ def train_worker(config: dict) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from cai.batching import epoch_order
     from cai import checkpointing
+    from cai.batching import epoch_order
     from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.checkpointing import recomputing
-    from cai.distributed import (allocate_optimizer_state, deepspeed_config, lean_allreduce, peak_rss_gb,
-                                 require_bf16_support, world)
+    from cai.distributed import deepspeed_config, lean_engine, peak_rss_gb, require_bf16_support, world
     from cai.losses import soft_bradley_terry
     from cai.models import load_tokenizer
 
@@ -124,8 +122,7 @@ def train_worker(config: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, fused=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(train, hf_auto=False, world_size=size))
-    allocate_optimizer_state(optimizer, train)  # before FlatGradients attaches its gradient views
-    lean_allreduce(engine, train)
+    lean_engine(engine, train)
     lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in train_rows]
     start, ckpt = 0, config["checkpoint_dir"]
     if os.path.exists(os.path.join(ckpt, "latest")):
@@ -138,7 +135,7 @@ def train_worker(config: dict) -> dict:
             order = epoch_order(lengths, per_step, f"{config['seed']}|epoch{epoch}", config["group_by_length"])
         batch = [train_rows[i] for i in order[k * per_step + rank:(k + 1) * per_step:size]]
         ids, mask, p = collate(batch, tokenizer.pad_token_id)
-        with recomputing(engine.module):
+        with checkpointing.recomputing(engine.module):
             r = rewards(engine, ids, mask)
         loss = soft_bradley_terry(r[:len(batch)], r[len(batch):], p)
         engine.backward(loss)

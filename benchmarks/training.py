@@ -29,7 +29,7 @@ ANSWER = ("Here is a short, careful answer: start with the basics, check each st
 def make_data(folder: Path, rows: int) -> None:
     from cai.config import PromptSource
     from cai.prompt_files import read_source
-    from cai.prompting import assistant, user
+    from cai.chat import assistant, user
     from cai.shards import write_jsonl
 
     prompts = [r["prompt"] for r in read_source(PromptSource(path="builtin:helpful"))][:rows]
@@ -47,7 +47,7 @@ def trl_sft(folder: Path, model: str, threads: int) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from cai.distributed import peak_rss_gb
+    from cai.cluster import peak_rss_gb
     from cai.models import load_tokenizer
     from cai.shards import read_jsonl
 
@@ -70,7 +70,7 @@ def trl_rm(folder: Path, model: str, threads: int) -> dict:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    from cai.distributed import peak_rss_gb
+    from cai.cluster import peak_rss_gb
     from cai.models import load_tokenizer
     from cai.shards import read_jsonl
     from cai.stages.reward_model import encode

@@ -45,16 +45,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    from cai.config import STAGE_ORDER, load_pipeline
+    from cai.config import load_pipeline
     from cai.runner import run_pipeline
+    from cai.stages import ORDER
 
     cfg = load_pipeline(args.pipeline, args.overrides)
     only = None
     if args.stages:
         only = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = [s for s in only if s not in STAGE_ORDER]
+        unknown = [s for s in only if s not in ORDER]
         if unknown:
-            raise CaiError(f"--stages: unknown stage '{unknown[0]}' (stages: {', '.join(STAGE_ORDER)})")
+            raise CaiError(f"--stages: unknown stage '{unknown[0]}' (stages: {', '.join(ORDER)})")
     run_pipeline(cfg, only)
     print(f"outputs in {cfg.output_dir}")
 
@@ -94,7 +95,6 @@ def _judge_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = _parser()
     args, extra = parser.parse_known_args(argv)

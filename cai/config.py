@@ -14,9 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.errors import CaiError
+from cai.stages import ORDER
 from cai.yamlfile import load_value, read_yaml, validate_yaml
-
-STAGE_ORDER = ("prompts", "critique_revise", "sft", "preferences", "reward_model", "ppo", "dpo")
 
 
 class Strict(BaseModel):
@@ -65,9 +64,17 @@ class PromptsConfig(Strict):
     expand: ExpandConfig = ExpandConfig()
 
 
+Unfinished = Literal["drop", "keep"]
+UNFINISHED_HELP = ("responses cut at max_new_tokens: drop them, or keep them as unfinished training targets "
+                   "(no end-of-turn token after them)")
+
+
 class CritiqueReviseConfig(Strict):
     rounds: int = Field(4, ge=1, description="critique->revision rounds per prompt (paper: 4)")
     few_shot: int = Field(5, ge=0, description="few-shot conversations from the constitution")
+    few_shot_initial: bool = Field(False, description="show the few-shot conversations before the initial answer "
+                                   "too (the paper samples it from the prompt alone)")
+    unfinished: Unfinished = Field("drop", description=UNFINISHED_HELP)
     train_on: Literal["all_rounds", "last_round"] = Field("all_rounds", description="revisions in SFT data")
     helpful_samples: int = Field(2, ge=0, description="policy answers per helpfulness prompt (paper: 2)")
     shard_size: int = Field(32, ge=1, description="prompts per committed shard")
@@ -82,6 +89,7 @@ class TrainConfig(Strict):
     bf16: bool = Field(False, description="bf16 mixed precision, where the device supports it")
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="paper: constant")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 before the schedule")
     epochs: float = Field(1.0, gt=0, description="passes over the data (paper: 1)")
     max_steps: int = Field(-1, description="optimizer steps; -1 means use epochs")
     batch_size: int = Field(8, ge=1, description="rows per worker per micro-step")
@@ -111,7 +119,6 @@ class JudgeCheckConfig(Strict):
 
 class PreferencesConfig(Strict):
     feedback_model: ModelConfig | None = Field(None, description="the judge; None: the policy model")
-    samples_per_prompt: int = Field(2, ge=2, le=2, description="responses per prompt (a pair)")
     both_orders: bool = Field(True, description="label (A, B) and (B, A) and average")
     few_shot: int = Field(2, ge=0, description="few-shot labelling examples prepended")
     chain_of_thought: bool = Field(False, description="the judge reasons first, then answers")
@@ -124,6 +131,7 @@ class PreferencesConfig(Strict):
     batch_size: int = Field(16, ge=1, description="labelling prompts per forward pass")
     attribution_pairs: int = Field(8, ge=0, description="pairs every principle labels, for the attribution table")
     response_generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=1.0)
+    unfinished: Unfinished = Field("drop", description=UNFINISHED_HELP)
     judge_check: JudgeCheckConfig = JudgeCheckConfig()
 
 
@@ -148,6 +156,8 @@ class PpoConfig(Strict):
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     minibatch: int = Field(4, ge=1, description="responses per gradient step")
     generation: GenerationConfig = GenerationConfig(max_new_tokens=32, temperature=1.0, max_prompt_tokens=512)
+    rollout_backend: Literal["cai", "hf"] = Field("cai", description="what samples the rollouts: our generator "
+                                                  "(cai/generation.py) or transformers' generate")
     clip: float = Field(0.2, gt=0, description="policy ratio clip ε")
     value_clip: float = Field(0.2, gt=0, description="value clip around the rollout's values")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus in the policy loss")
@@ -175,6 +185,17 @@ class PpoConfig(Strict):
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 
+    @field_validator("generation")
+    @classmethod
+    def _sampled_distribution_is_the_trained_one(cls, gen: GenerationConfig) -> GenerationConfig:
+        # log-probs, ratios and the KL are computed on the logits divided by the temperature; a nucleus cut
+        # would make the sampled distribution differ from the one trained
+        if gen.temperature <= 0:
+            raise ValueError("temperature must be > 0 for PPO (greedy rollouts have no distribution to train)")
+        if gen.top_p != 1.0:
+            raise ValueError("top_p must be 1.0 for PPO (the log-probs are those of the full distribution)")
+        return gen
+
 
 class DpoConfig(Strict):
     min_p_chosen: float = Field(0.6, ge=0.5, le=1, description="drop pairs whose soft label is less confident")
@@ -195,7 +216,7 @@ class PipelineConfig(Strict):
     output_dir: str = Field(description="stage outputs go to <output_dir>/<stage>/")
     seed: int = Field(0, description="seeds principle sampling and generation")
     constitution: str = Field("constitutions/default.yaml", description="constitution YAML")
-    stages: list[Literal[STAGE_ORDER]] = Field(list(STAGE_ORDER), description="stages to run (see policy_optimization)")
+    stages: list[Literal[ORDER]] = Field(list(ORDER), description="stages to run (see policy_optimization)")
     policy_optimization: Literal["ppo", "dpo"] = Field("ppo", description="RL-CAI by PPO, or DPO on the labels")
     policy: ModelConfig = ModelConfig()
     ray: RayConfig = RayConfig()
@@ -286,7 +307,7 @@ def load_pipeline(file: str | Path, overrides: list[str] = ()) -> PipelineConfig
 def active_stages(cfg: PipelineConfig) -> list[str]:
     """The configured stages in pipeline order; ppo or dpo, whichever policy_optimization names."""
     skip = "dpo" if cfg.policy_optimization == "ppo" else "ppo"
-    return [s for s in STAGE_ORDER if s in cfg.stages and s != skip]
+    return [s for s in ORDER if s in cfg.stages and s != skip]
 
 
 def feedback_model(cfg: PipelineConfig) -> ModelConfig:

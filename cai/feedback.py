@@ -16,7 +16,7 @@ import torch
 from cai.constitution import Constitution, FewShotLabel, PreferencePrinciple
 from cai.errors import CaiError
 from cai.labels import average_orders, clamp_label, prob_first
-from cai.prompting import assistant, user
+from cai.chat import assistant, special_prefix, user
 
 HEADER = "Consider the following conversation between a person and an AI assistant:"
 COT_START = "Let's think step by step:"
@@ -97,6 +97,7 @@ def label_pairs(generator, pairs: list[dict], constitution: Constitution, *, see
     """
     plan = option_plan(generator.tokenizer)
     tok = generator.tokenizer
+    bos = special_prefix(tok)  # the plain prompt is not a chat: it starts as any text does for this model
     orders = [(0, 1), (1, 0)] if both_orders else [(0, 1)]
     jobs, rows = [], []
     for pair in pairs:
@@ -111,8 +112,8 @@ def label_pairs(generator, pairs: list[dict], constitution: Constitution, *, see
             if cot:
                 jobs.append((row, cot_messages(pair["prompt"], question, a, b, shots)))
             else:
-                jobs.append((row, tok(plain_prompt(pair["prompt"], question, a, b, shots),
-                                      add_special_tokens=False)["input_ids"] + plan.prefix))
+                jobs.append((row, bos + tok(plain_prompt(pair["prompt"], question, a, b, shots),
+                                            add_special_tokens=False)["input_ids"] + plan.prefix))
         rows.append(row)
     new_tokens = 0
     if cot:  # step 1 of CoT: the reasoning, generated greedily by default

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cai.chat import generation_prompt_ids
 from cai.config import GenerationConfig
 
 
@@ -41,19 +42,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     cdf = probs.cumsum(-1)                                                # (B, V)
-    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     return (order.gather(-1, choice) if order is not None else choice).squeeze(-1)
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (B, T) ids and mask, padded on the left so every row ends at column T-1."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
     return ids, mask
 
 
@@ -76,26 +74,34 @@ def _select_rows(cache, rows: torch.Tensor) -> None:
             layer.batch_size = len(rows)
 
 
-class ChatGenerator:
-    """Wraps one causal LM and its tokenizer; all methods are batched."""
+def end_ids(model, tokenizer) -> frozenset[int]:
+    """Every token id that ends a response: those the model's generation config, its config and its
+    tokenizer declare as end of sequence, and the chat template's end-of-turn token."""
+    found: set[int] = set()
+    for declared in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+                     tokenizer.eos_token_id):
+        found.update(declared if isinstance(declared, (list, tuple)) else [declared] if declared is not None else [])
+    if "<|im_end|>" in tokenizer.get_vocab():
+        found.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return frozenset(found)
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None):
+
+class ChatGenerator:
+    """Wraps one causal LM (already on `device`) and its tokenizer; all methods are batched."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, device: torch.device | str = "cpu"):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() \
-            else tokenizer.eos_token_id
+        self.device = torch.device(device)
+        self.end_ids = end_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.min_shared_prefix = 32  # shorter shared prefixes are not worth a separate forward
 
     # -- prompts -------------------------------------------------------------------------------
     def chat_ids(self, messages: list[dict], max_tokens: int, continue_text: str = "") -> list[int]:
         """Chat messages -> prompt ids ending at the assistant's turn (cut from the left if long)."""
-        if self.system_prompt is not None and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}] + messages
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text + continue_text, add_special_tokens=False)["input_ids"]
-        return ids[-max_tokens:]
+        return generation_prompt_ids(self.tokenizer, messages, self.system_prompt, max_tokens, continue_text)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -105,7 +111,7 @@ class ChatGenerator:
         out: list[Completion | None] = [None] * len(prompts)
         for b, start in enumerate(range(0, len(order), cfg.batch_size)):
             idx = order[start:start + cfg.batch_size]
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + b)
             for i, c in zip(idx, self._generate_batch([prompts[i] for i in idx], cfg, gen)):
                 out[i] = c
         return out  # type: ignore[return-value]
@@ -116,49 +122,50 @@ class ChatGenerator:
         # Layout per row: [shared prefix P][left padding][own suffix S][new tokens]. The prefix (the
         # system turn and few-shot conversations) is run once and copied to every row.
         P = shared_prefix_len(rows, self.min_shared_prefix)
-        ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id)   # (B, S)
+        dev = self.device
+        ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id, dev)   # (B, S)
         B, S = ids.shape
         T = P + S
         # A preallocated cache: appending to a growing one re-copies it every step (a third of
         # the step time measured here).
         cache = StaticCache(config=self.model.config, max_cache_len=T + cfg.max_new_tokens)
-        mask = torch.zeros(B, T + cfg.max_new_tokens, dtype=torch.long)
+        mask = torch.zeros(B, T + cfg.max_new_tokens, dtype=torch.long, device=dev)
         mask[:, :P] = 1
         mask[:, P:T] = suffix_mask
         if P:
-            self.model(input_ids=torch.tensor([rows[0][:P]]), attention_mask=mask[:1], past_key_values=cache,
-                       cache_position=torch.arange(P), use_cache=True, logits_to_keep=1)
-            _select_rows(cache, torch.zeros(B, dtype=torch.long))
+            self.model(input_ids=torch.tensor([rows[0][:P]], device=dev), attention_mask=mask[:1], past_key_values=cache,
+                       cache_position=torch.arange(P, device=dev), use_cache=True, logits_to_keep=1)
+            _select_rows(cache, torch.zeros(B, dtype=torch.long, device=dev))
         positions = P + (suffix_mask.cumsum(-1) - 1).clamp(min=0)                 # (B, S)
-        live = torch.arange(B)                                        # rows still generating
+        live = torch.arange(B, device=dev)                            # rows still generating
         tokens: list[list[int]] = [[] for _ in rows]
-        done = [False] * B
+        ended: list[int | None] = [None] * B                          # the end id that finished each row
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            cache_position=torch.arange(P, T), use_cache=True, logits_to_keep=1).logits[:, -1]
+                            cache_position=torch.arange(P, T, device=dev), use_cache=True, logits_to_keep=1).logits[:, -1]
         next_pos = positions[:, -1] + 1
         for step in range(cfg.max_new_tokens):
             nxt = sample_next(logits, cfg.temperature, cfg.top_p, gen)  # (B_live,)
             keep = []
             for j, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
-                if tok == self.eos_id:
-                    done[row] = True
+                if tok in self.end_ids:
+                    ended[row] = tok
                 else:
                     tokens[row].append(tok)
                     keep.append(j)
             if not keep or step == cfg.max_new_tokens - 1:
                 break
             if len(keep) < len(live):  # drop finished rows from the batch and the cache
-                sel = torch.tensor(keep)
+                sel = torch.tensor(keep, device=dev)
                 _select_rows(cache, sel)
                 live, nxt, mask, next_pos = live[sel], nxt[sel], mask[sel], next_pos[sel]
             mask[:, T + step] = 1
             logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                past_key_values=cache, cache_position=torch.tensor([T + step]),
+                                past_key_values=cache, cache_position=torch.tensor([T + step], device=dev),
                                 use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
-        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + done[i],
-                           done[i], tuple(t) + ((self.eos_id,) if done[i] else ()))
-                for i, (r, t) in enumerate(zip(rows, tokens))]
+        return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + (end is not None),
+                           end is not None, tuple(t) + ((end,) if end is not None else ()))
+                for r, t, end in zip(rows, tokens, ended)]
 
     def generate_chat(self, conversations: list[list[dict]], cfg: GenerationConfig, seed: int,
                       continue_text: str = "") -> list[Completion]:
@@ -173,12 +180,12 @@ class ChatGenerator:
         Only the last position's logits are computed (`logits_to_keep=1`): the lm_head over the
         whole sequence is the largest single cost of a scoring pass on a small model.
         """
-        option_ids = torch.tensor([o[0] for o in options])
+        option_ids = torch.tensor([o[0] for o in options], device=self.device)
         result = []
         for start in range(0, len(prompts), batch_size):
-            ids, mask = left_pad(prompts[start:start + batch_size], self.pad_id)
+            ids, mask = left_pad(prompts[start:start + batch_size], self.pad_id, self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 logits_to_keep=1).logits[:, -1].float()           # (B, V)
             result.append(torch.log_softmax(logits, -1)[:, option_ids])
-        return torch.cat(result)
+        return torch.cat(result).cpu()

@@ -156,3 +156,23 @@ def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tuple[str, ...] = ()) -> None:
+    """Commit a trained model folder: `tmp` must hold a config, weights and the `required` files, and load as
+    a `head` model ("causal_lm" or "reward_model"); only then does it replace `final` (a rename). One line
+    otherwise, and `final` is left as it was."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    missing = [f for f in ("config.json", *required) if not (tmp / f).exists()]
+    if not tmp.is_dir() or missing or not list(tmp.glob("*.safetensors")):
+        what = f"no {missing[0]}" if tmp.is_dir() and missing else "no weights" if tmp.is_dir() else "no folder"
+        raise CaiError(f"{tmp}: training ended without a complete model ({what}); rerun to resume")
+    loader = AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+    try:
+        loader.from_pretrained(tmp, dtype=torch.float32)
+    except Exception as e:  # a truncated or mismatched file: never committed
+        raise CaiError(f"{tmp}: the trained model does not load ({type(e).__name__}: {e}); rerun to resume") from None
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)

@@ -1,4 +1,4 @@
-"""A pool of Ray actors that each load a model once and run shard functions on it.
+"""A pool of Ray actors that each load a model once, on their own device, and run shard functions on it.
 
 The driver is the only writer: an actor returns a shard's rows, the driver commits the shard
 file. A killed run therefore leaves only whole shards behind, and `map_shards` skips them.
@@ -6,12 +6,11 @@ file. A killed run therefore leaves only whole shards behind, and `map_shards` s
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Callable
 
+from cai.cluster import Resources, remote_result, require_resources, start_ray, worker_env, worker_init
 from cai.config import ModelConfig, RayConfig
-from cai.errors import CaiError
 from cai.progress import RowProgress
 from cai.shards import ShardStore
 
@@ -26,50 +25,19 @@ def shard_seed(seed: int, name: str, index: int) -> int:
 
 
 class GenerationActor:
-    """One model role per actor: a ChatGenerator built once, reused for every shard."""
+    """One model role per actor: a ChatGenerator built once on the actor's device, reused for every shard."""
 
-    def __init__(self, model: ModelConfig, threads: int):
-        import torch
-
+    def __init__(self, model: ModelConfig, resources: Resources):
         from cai.generation import ChatGenerator
         from cai.models import load_causal_lm, load_tokenizer, resolve_model
 
-        torch.set_num_threads(max(1, threads))
+        worker = worker_init(resources, seed=0)
         path = resolve_model(model.name)
-        self.generator = ChatGenerator(load_causal_lm(path, model.dtype), load_tokenizer(path),
-                                       model.system_prompt)
+        self.generator = ChatGenerator(load_causal_lm(path, model.dtype).to(worker.device), load_tokenizer(path),
+                                       model.system_prompt, worker.device)
 
     def run(self, fn: ShardFn, rows: list[dict], seed: int) -> tuple[list[dict], int]:
         return fn(self.generator, rows, seed)
-
-
-def _get(ref):
-    """ray.get, but a CaiError raised on a worker stays a one-line CaiError here."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except (ray.exceptions.RayTaskError, ray.exceptions.ActorDiedError) as e:
-        cause = getattr(e, "cause", None) or getattr(getattr(e, "error_msg", None), "cause", None)
-        if isinstance(cause, CaiError):
-            raise CaiError(str(cause)) from None
-        raise
-
-
-def start_ray(cfg: RayConfig) -> None:
-    """Attach to the configured cluster ($CAI_RAY_ADDRESS or ray.address) or start a local one."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("CAI_RAY_ADDRESS") or None
-    env = {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    if "CAI_CACHE" in os.environ:
-        env["CAI_CACHE"] = os.environ["CAI_CACHE"]
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-             runtime_env={"env_vars": env})
 
 
 class GenerationPool:
@@ -77,13 +45,11 @@ class GenerationPool:
         import ray
 
         start_ray(cfg)
-        cpus = ray.cluster_resources().get("CPU", 0)
-        need = cfg.generation_actors * cfg.cpus_per_actor
-        if need > cpus:
-            raise CaiError(f"ray: generation_actors={cfg.generation_actors} x cpus_per_actor={cfg.cpus_per_actor} "
-                           f"needs {need:g} CPUs; the Ray cluster has {cpus:g}")
-        actor = ray.remote(GenerationActor).options(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor)
-        self.actors = [actor.remote(model, int(cfg.cpus_per_actor)) for _ in range(cfg.generation_actors)]
+        each = Resources.of_generation(cfg)
+        require_resources(cfg.generation_actors, each, "generation_actors")
+        actor = ray.remote(GenerationActor).options(num_cpus=each.cpus, num_gpus=each.gpus,
+                                                    runtime_env={"env_vars": worker_env(each)})
+        self.actors = [actor.remote(model, each) for _ in range(cfg.generation_actors)]
 
     def map_shards(self, fn: ShardFn, shards: list[list[dict]], store: ShardStore, seed: int, desc: str) -> None:
         """Run `fn` on every shard not yet committed in `store`, committing each as it returns."""
@@ -102,7 +68,7 @@ class GenerationPool:
                     running[ref] = (i, actor, time.time())
                 ready, _ = ray.wait(list(running), num_returns=1)
                 i, actor, _ = running.pop(ready[0])
-                rows, new_tokens = _get(ready[0])
+                rows, new_tokens = remote_result(ready[0])
                 store.commit(i, rows)
                 progress.advance(len(shards[i]), new_tokens)
                 free.append(actor)

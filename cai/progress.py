@@ -1,6 +1,7 @@
 """Progress bars for long work: counts, rows/s and generated tokens/s."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -45,22 +46,42 @@ class RowProgress:
         self._bar.__exit__(*exc)
 
 
+class PpoLog:
+    """Rank 0's record of a PPO run: metrics.jsonl (a resumed run rewrites the steps after its checkpoint),
+    samples.jsonl every `sample_every` steps, TensorBoard when installed, and one line per step (the loop
+    runs in a Ray worker, whose output is a log, not a terminal)."""
+
+    def __init__(self, out: Path, total: int, start: int):
+        self.out, self.total = out, total
+        self.metrics = out / "metrics.jsonl"
+        kept = [line for line in (self.metrics.read_text().splitlines() if self.metrics.exists() else [])
+                if json.loads(line)["step"] <= start]
+        self.metrics.write_text("".join(line + "\n" for line in kept))
+        self.writer = tensorboard_writer(out / "tensorboard")
+        if start:
+            print(f"ppo: resumed at step {start}/{total}", flush=True)
+
+    def step(self, m: dict, prompts: list[str], texts: list[str], scores: list[float], sample_every: int) -> None:
+        with open(self.metrics, "a") as fh:
+            fh.write(json.dumps(m) + "\n")
+        if self.writer:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"ppo/{k}", v, m["step"])
+        if m["step"] % sample_every == 0 or m["step"] == self.total:
+            with open(self.out / "samples.jsonl", "a") as fh:
+                for p, t, s in list(zip(prompts, texts, scores))[:4]:
+                    fh.write(json.dumps({"step": m["step"], "prompt": p, "response": t, "score": s}) + "\n")
+        print(f"ppo step {m['step']}/{self.total}: reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} "
+              f"(β {m['kl_coef']:.4f}) entropy {m['entropy']:.2f} pl {m['policy_loss']:+.4f} "
+              f"vl {m['value_loss']:.4f} clip {m['clip_frac']:.2f} len {m['response_length']:.1f} "
+              f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
+              + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
+
+
 def tensorboard_writer(folder: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(folder))
-
-
-def ppo_step_lines(total: int, start: int):
-    """One line per step: the training loop runs in a Ray worker, whose output is a log, not a terminal."""
-    def show(m: dict) -> None:
-        print(f"ppo step {m['step']}/{total}: reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} "
-              f"(β {m['kl_coef']:.4f}) entropy {m['entropy']:.2f} pl {m['policy_loss']:+.4f} "
-              f"vl {m['value_loss']:.4f} clip {m['clip_frac']:.2f} len {m['response_length']:.1f} "
-              f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
-              + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
-    if start:
-        print(f"ppo: resumed at step {start}/{total}", flush=True)
-    return show

@@ -10,15 +10,8 @@ from __future__ import annotations
 import random
 import re
 
+from cai.chat import assistant, user
 from cai.constitution import Constitution, CritiqueRevisionPrinciple
-
-
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def few_shot_messages(constitution: Constitution, n: int) -> list[dict]:

@@ -31,6 +31,15 @@ def tiny_generator(tiny_model):
     return ChatGenerator(load_causal_lm(tiny_model), load_tokenizer(tiny_model))
 
 
+@pytest.fixture(scope="session")
+def tiny_upstream(tiny_model, tmp_path_factory) -> Path:
+    """A tiny run through reward_model (1 worker each), for tests of the training stages to copy."""
+    out = tmp_path_factory.mktemp("upstream") / "run"
+    cai("run", "pipelines/tiny.yaml", f"policy.name={tiny_model}", f"output_dir={out}", "--stages",
+        "prompts,critique_revise,sft,preferences,reward_model")
+    return out
+
+
 def cai(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the real `cai` entry point in a subprocess, from the repo root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

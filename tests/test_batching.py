@@ -1,6 +1,6 @@
 import random
 
-from cai.batching import dealt_order, epoch_order
+from cai.train.batching import dealt_order, epoch_order
 
 
 def padded_cost(order, lengths, per_step):

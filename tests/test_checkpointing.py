@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cai import checkpointing
+from cai.train import recompute as checkpointing
 from cai.models import load_causal_lm
 
 

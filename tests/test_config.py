@@ -86,3 +86,14 @@ def test_cai_config_prints_resolved_config_with_override():
 def test_cai_config_error_is_one_line():
     line = error_line(cai("config", "pipelines/tiny.yaml", "critique_revise.bogus=1", check=False))
     assert "key 'critique_revise.bogus': unknown key" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.generation.top_p=0.9", "top_p must be 1.0 for PPO"),
+    ("ppo.generation.temperature=0", "temperature must be > 0 for PPO"),
+    ("ppo.rollout_backend=vllm", "key 'ppo.rollout_backend': Input should be 'cai' or 'hf'"),
+    ("ppo.train.warmup_steps=-1", "key 'ppo.train.warmup_steps': Input should be greater than or equal to 0"),
+])
+def test_ppo_rejects_what_it_cannot_train_on(override, message):
+    with pytest.raises(CaiError, match=message):
+        load_pipeline(REPO / "pipelines/tiny.yaml", [override])

@@ -24,8 +24,8 @@ def _engine(model_path: str, flat: bool):
     from transformers import AutoModelForCausalLM
 
     from cai.config import TrainConfig
-    from cai.data_parallel import FlatGradients
-    from cai.distributed import deepspeed_config
+    from cai.train.data_parallel import FlatGradients
+    from cai.train.deepspeed import deepspeed_config
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     train = TrainConfig(workers=2, zero_stage=0, batch_size=2, grad_accum=2, max_grad_norm=1.0)

@@ -121,10 +121,45 @@ def test_too_long_prompts_are_skipped_and_marked(tiny_generator):
     assert "skipped" not in rows[1] and rows[1]["p_r1"] > 0.5
 
 
-def test_shipped_judge_pairs():
+def test_shipped_judge_pairs_cover_the_harm_areas():
+    import collections
+    import json
+
+    from cai.judge_check import BUILTIN
+
     pairs = load_check_pairs("builtin:judge_check")
-    assert len(pairs) >= 40
-    assert {p["kind"] for p in pairs} >= {"harmful_vs_harmless", "evasive_vs_helpful"}
+    assert len(pairs) >= 150
+    kinds = collections.Counter(p["kind"] for p in pairs)
+    assert kinds["harmful_vs_harmless"] >= 50 and kinds["evasive_vs_helpful"] >= 40 and kinds["helpful_vs_unhelpful"] >= 40
+    areas = {json.loads(line)["area"] for line in BUILTIN.read_text().splitlines()
+             if json.loads(line)["kind"] == "harmful_vs_harmless"}
+    assert len(areas) >= 15, areas
+    longer = sum(len(p["r1"]) > len(p["r2"]) for p in pairs)  # no length shortcut to the better side
+    assert 0.35 < longer / len(pairs) < 0.65
+
+
+def word_3grams(text: str) -> set[tuple[str, ...]]:
+    import re
+
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+
+@pytest.mark.parametrize("constitution", ["default", "concise"])
+def test_judge_pairs_share_no_question_with_the_few_shot_labelling_examples(constitution):
+    """The judge sees the few-shot examples in its prompt: a check pair asking the same thing would be answered
+    from the example, not judged."""
+    shots = load_constitution(REPO / f"constitutions/{constitution}.yaml").few_shot_labels
+    trivial = {("how", "do", "i"), ("how", "can", "i"), ("what", "is", "the"), ("can", "you", "help")}
+    for pair in load_check_pairs("builtin:judge_check"):
+        for shot in shots:
+            assert pair["prompt"].strip().lower() != shot.prompt.strip().lower(), (pair["id"], shot.id)
+            shared = (word_3grams(pair["prompt"]) & word_3grams(shot.prompt)) - trivial
+            assert not shared, (pair["id"], shot.id, shared)
+            for response in (pair["r1"], pair["r2"]):  # nor a response copied from an example's
+                for example in (shot.response_a, shot.response_b):
+                    a, b = word_3grams(response), word_3grams(example)
+                    assert len(a & b) < 0.5 * len(a | b), (pair["id"], shot.id)
 
 
 def test_bad_judge_pairs_file_is_one_line(tmp_path):

@@ -41,7 +41,7 @@ def test_greedy_matches_plain_generate(tiny_generator):
     g = tiny_generator
     ids = g.chat_ids(CONVS[1], 4096)
     ref = g.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=10, do_sample=False, eos_token_id=g.eos_id, pad_token_id=g.pad_id)
+                           max_new_tokens=10, do_sample=False, eos_token_id=sorted(g.end_ids), pad_token_id=g.pad_id)
     ours = g.generate_ids([ids], GenerationConfig(max_new_tokens=10, temperature=0.0), seed=0)[0]
     assert ours.text == g.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True).strip()
 

@@ -41,3 +41,15 @@ def test_ece_and_agreement_hand_values():
     assert math.isclose(expected_calibration_error(p, y), 0.25, abs_tol=1e-6)
     assert expected_calibration_error(torch.tensor([1.0, 0.0]), torch.tensor([1, 0])) == 0.0
     assert soft_agreement(torch.tensor([0.9, 0.2, 0.6]), torch.tensor([0.7, 0.6, 0.5])) == 0.5
+
+
+def test_learning_rate_schedules_hand_values():
+    from cai.train.schedule import lr_multiplier
+
+    def f(kind, warmup=2):
+        return [round(lr_multiplier(s, total=6, warmup=warmup, kind=kind), 6) for s in range(7)]
+
+    assert f("constant") == [0.0, 0.5, 1, 1, 1, 1, 1]
+    assert f("constant", warmup=0) == [1] * 7
+    assert f("linear") == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]           # (6 - s) / (6 - 2) after warmup
+    assert f("cosine") == [0.0, 0.5, 1.0, 0.853553, 0.5, 0.146447, 0.0]   # ½(1 + cos(π (s - 2) / 4))

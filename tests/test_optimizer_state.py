@@ -6,7 +6,7 @@ import copy
 import torch
 
 from cai.config import TrainConfig
-from cai.distributed import allocate_optimizer_state
+from cai.train.deepspeed import allocate_optimizer_state
 
 
 def _steps(primed: bool, fused: bool) -> tuple[list[torch.Tensor], dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cai.parked import ParkedWeights
+from cai.rl.parked import ParkedWeights
 
 
 def test_parked_model_gives_the_same_logits_and_holds_no_weights_between_uses(tiny_model, tmp_path):

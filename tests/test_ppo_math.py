@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from cai.ppo_math import (AdaptiveKL, FixedKL, entropy_from_logits, gae, kl_estimate, logprobs_of, policy_loss,
+from cai.rl.math import (AdaptiveKL, FixedKL, entropy_from_logits, gae, kl_estimate, logprobs_of, policy_loss,
                           token_rewards, value_loss, whiten)
 
 T = torch.tensor

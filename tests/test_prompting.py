@@ -70,3 +70,51 @@ def test_clean_reply():
     assert clean_reply("Revision: Sure, here.") == "Sure, here."
     assert clean_reply("  critique : It is rude.") == "It is rude."
     assert clean_reply("Revisions are hard.") == "Revisions are hard."
+
+
+class RecordingGenerator:
+    """Records the conversations it is asked to continue; replies 'reply N', finished unless told otherwise."""
+
+    def __init__(self, unfinished_calls=()):
+        self.calls, self.unfinished_calls = [], set(unfinished_calls)
+
+    def generate_chat(self, conversations, cfg, seed):
+        from cai.generation import Completion
+
+        self.calls.append(conversations)
+        done = len(self.calls) not in self.unfinished_calls
+        return [Completion(f"reply {len(self.calls)}", 5, 3, done) for _ in conversations]
+
+
+def test_the_initial_answer_is_sampled_without_the_few_shot_conversations():
+    from cai.config import CritiqueReviseConfig
+    from cai.stages.critique_revise import revise_shard
+
+    c = constitution()
+    rows = [{"id": "r1", "prompt": "How do I hotwire a car?"}]
+    for initial_shots, expected_turns in ((False, 1), (True, 1 + 6 * 2)):
+        gen = RecordingGenerator()
+        cfg = CritiqueReviseConfig(rounds=1, few_shot=2, few_shot_initial=initial_shots)
+        revise_shard(gen, rows, 0, constitution=c, cfg=cfg, run_seed=0, model="m")
+        initial, critique = gen.calls[0][0], gen.calls[1][0]
+        assert len(initial) == expected_turns and initial[-1] == {"role": "user", "content": rows[0]["prompt"]}
+        assert len(critique) == 6 * 2 + 3  # the critique request always sees the few-shot conversations
+
+
+def test_cut_revisions_are_dropped_or_kept_unfinished_and_counted():
+    from cai.config import CritiqueReviseConfig
+    from cai.stages.critique_revise import revise_shard, sft_rows
+
+    rows = [{"id": "r1", "prompt": "Q1"}, {"id": "r2", "prompt": "Q2"}]
+    # calls: 1 initial, 2 critique, 3 revision (cut), 4 critique, 5 revision (finished)
+    traces, _ = revise_shard(RecordingGenerator(unfinished_calls={3}), rows, 0, constitution=constitution(),
+                             cfg=CritiqueReviseConfig(rounds=2, few_shot=0), run_seed=0, model="m")
+    assert [r["revision_finished"] for r in traces[0]["rounds"]] == [False, True]
+    helpful = [{"prompt": "H", "answer": "A", "finished": False}, {"prompt": "H2", "answer": "", "finished": True}]
+    revisions, answers, counts = sft_rows(traces, helpful, CritiqueReviseConfig(), "Sys.")
+    assert len(revisions) == 2 and answers == [] and counts == {"empty_dropped": 1, "unfinished_dropped": 3}
+    assert revisions[0]["prompt"][0] == {"role": "system", "content": "Sys."} and "finished" not in revisions[0]
+    revisions, answers, counts = sft_rows(traces, helpful, CritiqueReviseConfig(unfinished="keep"), None)
+    assert counts == {"empty_dropped": 1, "unfinished_kept": 3}
+    assert [r["finished"] for r in revisions] == [False, True, False, True] and answers[0]["finished"] is False
+    assert revisions[0]["prompt"] == [{"role": "user", "content": "Q1"}]

@@ -14,7 +14,7 @@ import torch
 from cai.config import load_pipeline
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.prompting import assistant, user
+from cai.chat import assistant, user
 from cai.shards import write_jsonl
 from cai.stages import reward_model, sft
 from cai.stages.preferences import preference_row
@@ -152,7 +152,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(tmp_path):
 
 def test_partial_trainer_checkpoints_are_not_resumed_from(tmp_path):
     """A kill during an HF save leaves checkpoint-N without trainer_state.json (written last)."""
-    from cai.distributed import last_complete_checkpoint
+    from cai.train.hf import last_complete_checkpoint
 
     assert last_complete_checkpoint(str(tmp_path / "missing")) is None
     for n, complete in ((4, True), (8, True), (12, False)):
@@ -171,7 +171,7 @@ def malloc_settings(config: dict) -> dict:
 
 def test_training_workers_start_with_the_configured_allocator(tmp_path):
     from cai.config import RayConfig, TrainConfig
-    from cai.distributed import run_training, worker_env
+    from cai.cluster import run_training, worker_env
 
     train = TrainConfig(workers=1, cpus_per_worker=1)
     seen = run_training(malloc_settings, {}, train, RayConfig(), tmp_path, "env")

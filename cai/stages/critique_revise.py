@@ -1,14 +1,17 @@
 """Stage `critique_revise`: SL-CAI data by critique -> revision (Bai et al. 2022, §3.1, App. C.1).
 
 Steps, per red-team prompt, on a pool of Ray actors that hold the policy:
-  1. the policy answers the prompt (few-shot conversations from the constitution come first);
+  1. the policy answers the prompt alone, as in the paper (`few_shot_initial` shows it the few-shot
+     conversations first);
   2. for each of `rounds` rounds: draw a principle (independently per round, seeded by the row id),
      ask for a critique of the current answer, then for a revision; the revision becomes the answer;
   3. helpfulness mix: `helpful_samples` policy answers per helpfulness prompt (§3.1: 2 per prompt);
   4. write attribution.md (per critique principle: how much its revisions changed the text),
      trace.jsonl (every round of every row) and sft.jsonl in trl's conversational
      prompt/completion format (revisions of all rounds, or only the last, plus the helpfulness mix;
-     also apart, as sft_revisions.jsonl and sft_helpful.jsonl, for the sft stage's mix ratio).
+     also apart, as sft_revisions.jsonl and sft_helpful.jsonl, for the sft stage's mix ratio). A
+     revision or answer cut at max_new_tokens is dropped, or kept marked `finished: false`
+     (`unfinished: keep`), so that SFT does not teach the model to end mid-sentence.
 Run alone: `cai run pipelines/default.yaml --stages critique_revise`.
 """
 from __future__ import annotations
@@ -17,19 +20,23 @@ import functools
 from pathlib import Path
 
 from cai.attribution import critique_table, write_table
+from cai.chat import assistant, conversation, user
 from cai.config import CritiqueReviseConfig, PipelineConfig
 from cai.constitution import Constitution
-from cai.prompting import (assistant, clean_reply, critique_messages, few_shot_messages, revision_messages,
-                           sample_principle, user)
+from cai.prompting import clean_reply, critique_messages, few_shot_messages, revision_messages, sample_principle
 from cai.shards import ShardStore, chunk, read_jsonl, write_jsonl
+from cai.stages import Reads
 
-CONSTITUTION_PARTS = ("critique_revision", "few_shot_revisions")
+READS = Reads(stages=("prompts",), constitution=("critique_revision", "few_shot_revisions"))
 
 
-def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+def settings(cfg: PipelineConfig) -> dict:
     return {"critique_revise": cfg.critique_revise.model_dump(mode="json"), "seed": cfg.seed,
-            "policy": cfg.policy.model_dump(mode="json"),
-            "constitution": constitution.part_hash(*CONSTITUTION_PARTS)}
+            "policy": cfg.policy.model_dump(mode="json")}
+
+
+def models(cfg: PipelineConfig) -> dict[str, str]:
+    return {"policy": cfg.policy.name}
 
 
 def _load(inputs: dict[str, Path], part: str) -> list[dict]:
@@ -51,24 +58,26 @@ def revise_shard(generator, rows: list[dict], seed: int, *, constitution: Consti
     tokens = 0
 
     def ask(conversations):
+        """-> (cleaned replies, whether each ended with an end-of-turn token)"""
         nonlocal tokens
         outs = generator.generate_chat(conversations, cfg.generation, seed + next(calls))
         tokens += sum(o.new_tokens for o in outs)
-        return [clean_reply(o.text) for o in outs]
+        return [clean_reply(o.text) for o in outs], [o.finished for o in outs]
 
-    # step 1: initial answers
-    answers = ask([shots + [user(r["prompt"])] for r in rows])
-    traces = [{"id": r["id"], "prompt": r["prompt"], "initial": a, "rounds": [], "model": model,
-               "seed": run_seed, "shard_seed": seed} for r, a in zip(rows, answers)]
+    # step 1: initial answers, from the prompt alone unless the few-shot conversations are asked for
+    answers, finished = ask([(shots if cfg.few_shot_initial else []) + [user(r["prompt"])] for r in rows])
+    traces = [{"id": r["id"], "prompt": r["prompt"], "initial": a, "initial_finished": f, "rounds": [],
+               "model": model, "seed": run_seed, "shard_seed": seed} for r, a, f in zip(rows, answers, finished)]
     # step 2: rounds of critique -> revision, a principle drawn per row and round
     for k in range(cfg.rounds):
         principles = [constitution.principle(sample_principle(ids, run_seed, r["id"], k)) for r in rows]
-        critiques = ask([critique_messages(shots, r["prompt"], a, p) for r, a, p in zip(rows, answers, principles)])
-        revisions = ask([revision_messages(shots, r["prompt"], a, p, c)
-                         for r, a, p, c in zip(rows, answers, principles, critiques)])
-        for t, p, c, rev in zip(traces, principles, critiques, revisions):
+        critiques, _ = ask([critique_messages(shots, r["prompt"], a, p) for r, a, p in zip(rows, answers, principles)])
+        revisions, finished = ask([revision_messages(shots, r["prompt"], a, p, c)
+                                   for r, a, p, c in zip(rows, answers, principles, critiques)])
+        for t, p, c, rev, f in zip(traces, principles, critiques, revisions, finished):
             t["rounds"].append({"round": k + 1, "principle": p.id, "critique_request": p.critique,
-                                "critique": c, "revision_request": p.revision, "revision": rev})
+                                "critique": c, "revision_request": p.revision, "revision": rev,
+                                "revision_finished": f})
         # an empty revision keeps the previous answer, so the next round still has text to critique
         answers = [rev or a for rev, a in zip(revisions, answers)]
     return traces, tokens
@@ -77,26 +86,31 @@ def revise_shard(generator, rows: list[dict], seed: int, *, constitution: Consti
 def answer_shard(generator, rows: list[dict], seed: int, *, cfg: CritiqueReviseConfig) -> tuple[list[dict], int]:
     """Runs on a Ray actor: one sampled policy answer per (helpfulness prompt, sample) row."""
     outs = generator.generate_chat([[user(r["prompt"])] for r in rows], cfg.generation, seed)
-    return ([{**r, "answer": clean_reply(o.text)} for r, o in zip(rows, outs)],
+    return ([{**r, "answer": clean_reply(o.text), "finished": o.finished} for r, o in zip(rows, outs)],
             sum(o.new_tokens for o in outs))
 
 
-def sft_rows(traces: list[dict], helpful: list[dict], train_on: str) -> tuple[list[dict], list[dict], int]:
-    """trl conversational prompt/completion rows (revisions, helpfulness); empty ones dropped, counted."""
-    revisions, answers, empty = [], [], 0
-    for t in traces:
-        chosen = t["rounds"] if train_on == "all_rounds" else t["rounds"][-1:]
-        for r in chosen:
-            if r["revision"]:
-                revisions.append({"prompt": [user(t["prompt"])], "completion": [assistant(r["revision"])]})
-            else:
-                empty += 1
-    for h in helpful:
-        if h["answer"]:
-            answers.append({"prompt": [user(h["prompt"])], "completion": [assistant(h["answer"])]})
-        else:
-            empty += 1
-    return revisions, answers, empty
+def sft_rows(traces: list[dict], helpful: list[dict], cfg: CritiqueReviseConfig, system_prompt: str | None
+             ) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """trl conversational prompt/completion rows (revisions, helpfulness). Empty ones are dropped; cut ones
+    are dropped or, with `unfinished: keep`, marked `finished: false`; both counted."""
+    counts = {"empty_dropped": 0, f"unfinished_{'kept' if cfg.unfinished == 'keep' else 'dropped'}": 0}
+
+    def row(prompt: str, text: str, finished: bool) -> dict | None:
+        if not text:
+            counts["empty_dropped"] += 1
+            return None
+        if not finished:
+            counts[next(k for k in counts if k.startswith("unfinished"))] += 1
+            if cfg.unfinished == "drop":
+                return None
+        out = {"prompt": conversation(prompt, system_prompt), "completion": [assistant(text)]}
+        return {**out, "finished": finished} if cfg.unfinished == "keep" else out
+
+    revisions = [row(t["prompt"], r["revision"], r["revision_finished"])
+                 for t in traces for r in (t["rounds"] if cfg.train_on == "all_rounds" else t["rounds"][-1:])]
+    answers = [row(h["prompt"], h["answer"], h["finished"]) for h in helpful]
+    return [r for r in revisions if r], [a for a in answers if a], counts
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
@@ -123,13 +137,13 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     # step 4: trace and SFT data
     traces = red_store.rows()
     for t in traces:
-        t["constitution"] = {"name": constitution.name, "hash": constitution.part_hash(*CONSTITUTION_PARTS)}
+        t["constitution"] = {"name": constitution.name, "hash": constitution.part_hash(*READS.constitution)}
     answers = help_store.rows() if help_shards else []
     write_jsonl(out / "trace.jsonl", traces)
     write_table(out, critique_table(traces), "critique principles: how much their revisions changed the answer")
-    revisions, helpful_rows, empty = sft_rows(traces, answers, cr.train_on)
+    revisions, helpful_rows, counts = sft_rows(traces, answers, cr, cfg.policy.system_prompt)
     write_jsonl(out / "sft_revisions.jsonl", revisions)
     write_jsonl(out / "sft_helpful.jsonl", helpful_rows)
     write_jsonl(out / "sft.jsonl", revisions + helpful_rows)
     return {"red_team_prompts": len(traces), "rounds": cr.rounds, "helpful_answers": len(answers),
-            "sft_rows": len(revisions) + len(helpful_rows), "empty_dropped": empty}
+            "sft_rows": len(revisions) + len(helpful_rows), **counts}

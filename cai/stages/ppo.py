@@ -1,20 +1,23 @@
 """Stage `ppo`: RL-CAI, PPO against the preference model with a KL penalty to the SFT model (§4.2).
 
 Steps:
-  1. the RL prompts (red-team and/or helpfulness prompts from the prompts stage); context checks;
-  2. the models: policy and reference from the SFT checkpoint, the preference model and its saved
-     normalisation stats, the value model from the preference model (or the SFT model);
-  3. the PPO loop (cai/ppo_worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
+  1. the RL prompts (red-team and/or helpfulness prompts from the prompts stage); context checks; a
+     user-named reward function is imported and checked here, before any model loads;
+  2. the models: policy, reference and rollout copy from the SFT checkpoint, the preference model (read
+     as the reward_model stage trained it, cai/preference_model.py), the value model from the preference
+     model (or the SFT model);
+  3. the PPO loop (cai/rl/worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
      checkpoints committed every `train.save_steps` and resumed to the step; metrics.jsonl, samples.jsonl
      and TensorBoard (when installed) as it goes, with a progress bar read from metrics.jsonl;
-  4. commit the final policy: model.tmp/ -> model/.
+  4. commit the final policy: model.tmp/ -> checked -> model/.
 On 8 GPUs: `cai run x.yaml ppo.train.workers=8 ppo.train.gpus_per_worker=1 ppo.train.bf16=true
 ppo.train.zero_stage=3`.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
-import os
 import shutil
 import threading
 import time
@@ -23,16 +26,43 @@ from pathlib import Path
 from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
+from cai.jobs import PpoJob, RewardFunction
 from cai.progress import console
 from cai.shards import read_jsonl, write_jsonl
+from cai.stages import Reads
+
+READS = Reads(stages=("prompts", "sft", "reward_model"))
 
 
-def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
-    return {"ppo": cfg.ppo.model_dump(mode="json"), "seed": cfg.seed}
+def settings(cfg: PipelineConfig) -> dict:
+    return {"ppo": cfg.ppo.model_dump(mode="json"), "seed": cfg.seed, "system_prompt": cfg.policy.system_prompt}
+
+
+def models(cfg: PipelineConfig) -> dict[str, str]:
+    return {}
 
 
 def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
     return {}
+
+
+def reward_function(spec: str) -> RewardFunction:
+    """'module:function' -> the function, which must take (prompts, responses, response_ids); one line if not."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise CaiError(f"ppo.reward_function '{spec}': expected 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CaiError(f"ppo.reward_function '{spec}': cannot import {module_name} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise CaiError(f"ppo.reward_function '{spec}': {module_name} has no function '{name}'")
+    try:
+        inspect.signature(fn).bind([], [], [])
+    except (TypeError, ValueError):
+        raise CaiError(f"ppo.reward_function '{spec}': must take (prompts, responses, response_ids)") from None
+    return fn
 
 
 def rl_prompts(cfg: PipelineConfig, prompts_dir: Path) -> list[dict]:
@@ -80,20 +110,27 @@ def _follow(metrics: Path, total: int, stop: threading.Event) -> None:
             stop.wait(0.5)
 
 
-def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
-    from cai.distributed import run_training
-
-    # step 1: prompts
+def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
+    """Steps 1-2: the prompts (written to prompts.jsonl), the reward function checked before anything loads,
+    the models' folders and the prompt budget."""
     prompts = rl_prompts(cfg, inputs["prompts"])
     write_jsonl(out / "prompts.jsonl", prompts)
-    # step 2: models
-    policy = inputs["sft"] / "model"
-    reward = inputs["reward_model"] / "model"
-    budget = prompt_budget(cfg, policy)
-    config = {"ppo": cfg.ppo.model_dump(), "seed": cfg.seed, "out": str(out), "policy": str(policy),
-              "reward_model": str(reward), "value_init": str(reward if cfg.ppo.value_init == "reward_model" else policy),
-              "prompts": str(out / "prompts.jsonl"), "max_prompt_tokens": budget,
-              "reward_function": cfg.ppo.reward_function}
+    fn = reward_function(cfg.ppo.reward_function) if cfg.ppo.reward_function else None
+    policy, reward = inputs["sft"] / "model", inputs["reward_model"] / "model"
+    return PpoJob(ppo=cfg.ppo, seed=cfg.seed, out=out, policy=policy,
+                  value_init=reward if cfg.ppo.value_init == "reward_model" else policy,
+                  reward_model=None if fn else reward, reward_function=fn,
+                  prompts=tuple(r["prompt"] for r in prompts), max_prompt_tokens=prompt_budget(cfg, policy),
+                  system_prompt=cfg.policy.system_prompt)
+
+
+def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.cluster import run_training
+    from cai.models import commit_model
+    from cai.rl.worker import train_worker
+
+    # steps 1-2: prompts, reward function and models, in a job for the workers
+    job = prepare(cfg, inputs, out)
     # step 3: the PPO loop, with progress from its metrics file
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
     stop = threading.Event()
@@ -101,24 +138,15 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     follower.start()
     t0 = time.time()
     try:
-        summary = run_training(_train_worker, config, cfg.ppo.train, cfg.ray, out / "ray", "ppo")
+        summary = run_training(train_worker, job, cfg.ppo.train, cfg.ray, out / "ray", "ppo")
     finally:
         stop.set()
         follower.join()
     # step 4: commit the policy
-    if not (out / "model.tmp" / "config.json").exists():
-        raise CaiError(f"ppo: training ended without a saved policy in {out / 'model.tmp'}")
-    shutil.rmtree(out / "model", ignore_errors=True)
-    os.replace(out / "model.tmp", out / "model")
+    commit_model(out / "model.tmp", out / "model")
     shutil.rmtree(out / "ray", ignore_errors=True)
     shutil.rmtree(out / "parked", ignore_errors=True)
     final = summary.pop("final", {})
     return {**summary, "wall_s": round(time.time() - t0, 1), "reward_tokenizer": "same" if _same_tokenizer(
-        policy, reward) else "re-tokenised from text", **{f"last_{k}": final.get(k) for k in (
+        job.policy, inputs["reward_model"] / "model") else "re-tokenised from text", **{f"last_{k}": final.get(k) for k in (
             "reward_mean", "kl", "response_length", "eos_rate", "step_time")}}
-
-
-def _train_worker(config: dict) -> dict:
-    from cai.ppo_worker import train_worker
-
-    return train_worker(config)

@@ -4,7 +4,9 @@ Steps:
   1. judge check: the feedback model labels shipped comparisons with a known better side; report
      accuracy, position bias and calibration; warn loudly (or stop, by config) near chance;
   2. response pairs: the SFT model samples two responses per red-team prompt (and per helpfulness
-     prompt, unless a helpfulness comparison file is given);
+     prompt, unless a helpfulness comparison file is given), with the policy's system prompt; a pair
+     with a response cut at max_new_tokens is dropped, or kept with that side marked unfinished
+     (`unfinished: keep`);
   3. labels: the feedback model labels each pair under one sampled principle, in both orders,
      averaged (chain-of-thought mode: reason first, clamp the label);
   4. attribution: on a few pairs, every principle labels; per principle, agreement with the others'
@@ -26,16 +28,21 @@ from cai.errors import CaiError
 from cai.feedback import label_pairs
 from cai.judge_check import format_report, judge_report, load_check_pairs, verdict
 from cai.progress import console
-from cai.prompting import assistant, clean_reply, user
+from cai.chat import assistant, conversation, user
+from cai.prompting import clean_reply
 from cai.shards import ShardStore, chunk, read_jsonl, write_atomic, write_jsonl
+from cai.stages import Reads
 
-CONSTITUTION_PARTS = ("preference", "few_shot_labels")
+READS = Reads(stages=("prompts", "sft"), constitution=("preference", "few_shot_labels"))
 
 
-def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+def settings(cfg: PipelineConfig) -> dict:
     return {"preferences": cfg.preferences.model_dump(mode="json"), "seed": cfg.seed,
-            "feedback_model": feedback_model(cfg).model_dump(mode="json"),
-            "constitution": constitution.part_hash(*CONSTITUTION_PARTS)}
+            "feedback_model": feedback_model(cfg).model_dump(mode="json"), "policy": cfg.policy.model_dump(mode="json")}
+
+
+def models(cfg: PipelineConfig) -> dict[str, str]:
+    return {"feedback_model": feedback_model(cfg).name}
 
 
 def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
@@ -46,7 +53,8 @@ def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, in
 def respond_shard(generator, rows: list[dict], seed: int, *, generation) -> tuple[list[dict], int]:
     """Runs on a Ray actor holding the SFT model: two sampled responses per prompt."""
     outs = generator.generate_chat([[user(r["prompt"])] for r in rows for _ in (0, 1)], generation, seed)
-    pairs = [{**r, "r1": clean_reply(outs[2 * i].text), "r2": clean_reply(outs[2 * i + 1].text)}
+    pairs = [{**r, "r1": clean_reply(outs[2 * i].text), "r2": clean_reply(outs[2 * i + 1].text),
+              "r1_finished": outs[2 * i].finished, "r2_finished": outs[2 * i + 1].finished}
              for i, r in enumerate(rows)]
     return pairs, sum(o.new_tokens for o in outs)
 
@@ -107,29 +115,38 @@ def _given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
     return out
 
 
-def preference_row(pair: dict) -> dict:
-    """trl preference format plus our label fields; the side with P >= 0.5 is `chosen`."""
+def preference_row(pair: dict, system_prompt: str | None = None, keep_unfinished: bool = False) -> dict:
+    """trl preference format plus our label fields; the side with P >= 0.5 is `chosen`. With
+    `keep_unfinished`, each side says whether it finished (an unfinished one has no end-of-turn)."""
     first = pair["p_r1"] >= 0.5
-    chosen, rejected = (pair["r1"], pair["r2"]) if first else (pair["r2"], pair["r1"])
-    return {"prompt": [user(pair["prompt"])], "chosen": [assistant(chosen)], "rejected": [assistant(rejected)],
-            "p_chosen": pair["p_r1"] if first else round(1 - pair["p_r1"], 5), "id": pair["id"],
-            "aspect": pair["aspect"], "principle": pair.get("principle"), "p_a": pair.get("p_a"),
-            "logprobs": pair.get("logprobs"), "source": pair.get("source", "ai")}
+    sides = ("r1", "r2") if first else ("r2", "r1")
+    row = {"prompt": conversation(pair["prompt"], system_prompt), "chosen": [assistant(pair[sides[0]])],
+           "rejected": [assistant(pair[sides[1]])], "p_chosen": pair["p_r1"] if first else round(1 - pair["p_r1"], 5),
+           "id": pair["id"], "aspect": pair["aspect"], "principle": pair.get("principle"), "p_a": pair.get("p_a"),
+           "logprobs": pair.get("logprobs"), "source": pair.get("source", "ai")}
+    if keep_unfinished:
+        row |= {"chosen_finished": pair.get(f"{sides[0]}_finished", True),
+                "rejected_finished": pair.get(f"{sides[1]}_finished", True)}
+    return row
 
 
-def _usable(pair: dict, counts: dict) -> bool:
+def _usable(pair: dict, counts: dict, unfinished: str) -> bool:
     if not pair["r1"].strip() or not pair["r2"].strip():
         counts["skipped_empty_response"] += 1
         return False
     if pair["r1"].strip() == pair["r2"].strip():
         counts["skipped_identical"] += 1
         return False
+    if not (pair["r1_finished"] and pair["r2_finished"]):
+        counts[f"unfinished_{'kept' if unfinished == 'keep' else 'skipped'}"] += 1
+        return unfinished == "keep"
     return True
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     pcfg = cfg.preferences
-    counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0}
+    counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0,
+              f"unfinished_{'kept' if pcfg.unfinished == 'keep' else 'skipped'}": 0}
     # step 1: judge check
     report = _judge_check(cfg, constitution, out) if pcfg.judge_check.enabled else None
     # step 2: response pairs from the SFT model
@@ -148,7 +165,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             store = ShardStore(out / "shards" / f"responses_{part}", len(shards))
             pool.map_shards(functools.partial(respond_shard, generation=pcfg.response_generation), shards, store,
                             cfg.seed, f"responses {part}")
-            pairs[part] = [p for p in store.rows() if _usable(p, counts)]
+            pairs[part] = [p for p in store.rows() if _usable(p, counts, pcfg.unfinished)]
     finally:
         pool.shutdown()
     # steps 3-4: labels, then per-principle attribution on a few pairs
@@ -178,7 +195,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
         if pair.get("skipped") == "too_long":
             counts["skipped_too_long"] += 1
         else:
-            rows.append(preference_row(pair))
+            rows.append(preference_row(pair, cfg.policy.system_prompt, pcfg.unfinished == "keep"))
     write_jsonl(out / "preferences.jsonl", rows)
     write_atomic(out / "attribution.json", json.dumps(table, indent=1))
     write_table(out, table, "preference principles: agreement with the others' majority, decisiveness")

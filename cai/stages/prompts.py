@@ -17,8 +17,9 @@ from pathlib import Path
 from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.prompt_files import NearDuplicateFilter, fingerprint, read_source
-from cai.prompting import user
+from cai.chat import user
 from cai.shards import ShardStore, chunk, write_jsonl
+from cai.stages import Reads
 
 PARTS = ("red_team", "helpful")
 EXPAND_SHARD = 32
@@ -29,11 +30,18 @@ ASK = {
 }
 
 
-def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+READS = Reads()
+
+
+def settings(cfg: PipelineConfig) -> dict:
     expand = cfg.prompts.expand.new_prompts > 0
     return {"prompts": cfg.prompts.model_dump(mode="json"), "seed": cfg.seed,
             "sources": {p: [fingerprint(s) for s in getattr(cfg.prompts, p)] for p in PARTS},
             "policy": cfg.policy.model_dump(mode="json") if expand else None}
+
+
+def models(cfg: PipelineConfig) -> dict[str, str]:
+    return {"policy": cfg.policy.name} if cfg.prompts.expand.new_prompts else {}
 
 
 def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:

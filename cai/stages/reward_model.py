@@ -2,39 +2,41 @@
 
 Steps:
   1. read and check preferences.jsonl (AI harmlessness pairs and helpfulness pairs); split off a
-     seeded held-out set;
+     seeded held-out set; tokenise both sides once (cai/preference_model.py: how PPO will read them too);
   2. train a scalar head on the SFT model (or a configured base) with the soft Bradley-Terry loss
-     (cai/losses.py) in our own DeepSpeed loop on Ray Train workers; DeepSpeed checkpoints every
-     `save_steps` steps, and a rerun resumes from the last one;
+     (cai/losses.py) in our own DeepSpeed loop on Ray Train workers, with the configured learning-rate
+     schedule; DeepSpeed checkpoints every `save_steps` steps, and a rerun resumes from the last one;
   3. evaluate on the held-out set: agreement with the labels, calibration (ECE of σ(r_c - r_r)
-     against the soft label), reward mean and std; save the model with reward_stats.json (the
-     normalisation the PPO stage uses) to model.tmp/, then rename to model/.
+     against the soft label); the card beside the model holds the truncation length and the score
+     statistics in float32 and bfloat16, which PPO normalises with;
+  4. commit the model: model.tmp/ -> checked -> model/.
 trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), hence our loop.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 
-from cai.config import PipelineConfig, TrainConfig
+from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
+from cai.jobs import RewardModelJob
 from cai.shards import read_jsonl, write_jsonl
+from cai.stages import Reads
 
+READS = Reads(stages=("sft", "preferences"))
 REQUIRED = ("prompt", "chosen", "rejected", "p_chosen")
+STATS_PAIRS = 2048  # pairs scored for the normalisation statistics (held-out first)
 
 
-def base_model_for(cfg: PipelineConfig, inputs: dict[str, Path]) -> str:
-    return cfg.reward_model.base_model or str(inputs["sft"] / "model")
-
-
-def cache_inputs(cfg: PipelineConfig, constitution: Constitution) -> dict:
+def settings(cfg: PipelineConfig) -> dict:
     return {"reward_model": cfg.reward_model.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def models(cfg: PipelineConfig) -> dict[str, str]:
+    return {"base_model": cfg.reward_model.base_model} if cfg.reward_model.base_model else {}
 
 
 def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
@@ -63,160 +65,203 @@ def split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], lis
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
-def encode(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """Chat-formatted prompt+response ids for both sides; long ones keep their end (the reward token)."""
-    def ids(messages):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-        return out[-max_length:]
-    return [{"chosen": ids(r["prompt"] + r["chosen"]), "rejected": ids(r["prompt"] + r["rejected"]),
-             "p": float(r["p_chosen"])} for r in rows]
+def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """Both sides as the model reads them -> {chosen, rejected, p}."""
+    from cai.preference_model import encode
+
+    return [{side: encode(tokenizer, r["prompt"] + r[side], r.get(f"{side}_finished", True), max_length)
+             for side in ("chosen", "rejected")} | {"p": float(r["p_chosen"])} for r in rows]
 
 
-def collate(batch: list[dict], pad_id: int):
-    """-> (2B, T) ids and mask, chosen rows first, right-padded; (B,) soft labels."""
+def collate(batch: list[dict], pad_id: int, device):
+    """-> (2B, T) ids and mask, chosen rows first, right-padded; (B,) soft labels; all on `device`."""
     import torch
 
     seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
     width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask, torch.tensor([b["p"] for b in batch])
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask, torch.tensor([b["p"] for b in batch], device=device)
 
 
-def rewards(engine, ids, mask):
+def rewards(model, ids, mask):
     """(2B, T) -> (2B,) scalar rewards, read at the last non-pad token (HF's sequence pooling)."""
-    return engine(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
 
 
-def train_worker(config: dict) -> dict:
-    """Runs on every Ray Train worker: one DeepSpeed rank."""
-    import deepspeed
+def train_worker(job: RewardModelJob) -> dict:
+    """Runs on every Ray Train worker (one DeepSpeed rank): train, evaluate, save with the card."""
+    import time
+
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from cai import checkpointing
-    from cai.batching import epoch_order
-    from cai.calibration import expected_calibration_error, soft_agreement
-    from cai.distributed import deepspeed_config, lean_engine, peak_rss_gb, require_bf16_support, world
-    from cai.losses import soft_bradley_terry
+    from cai.cluster import Resources, peak_rss_gb, worker_init
     from cai.models import load_tokenizer
+    from cai.train import recompute
+    from cai.train.deepspeed import build_engine
 
-    train = TrainConfig(**config["train"])
-    require_bf16_support(train, "reward_model")
-    rank, size = world()
-    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    torch.manual_seed(config["seed"])
-    tokenizer = load_tokenizer(config["base_model"], padding_side="right")
-    model = AutoModelForSequenceClassification.from_pretrained(config["base_model"], num_labels=1,
-                                                               dtype=torch.float32)
+    worker = worker_init(Resources.of_training(job.train, "reward_model"), job.seed)
+    tokenizer = load_tokenizer(job.base_model, padding_side="right")
+    model = AutoModelForSequenceClassification.from_pretrained(job.base_model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    checkpointing.enable(model, train.activation_checkpointing)
-    train_rows = encode(tokenizer, read_jsonl(config["train_data"]), train.max_length)
-    eval_rows = encode(tokenizer, read_jsonl(config["eval_data"]), train.max_length)
-    per_step = train.batch_size * size
+    recompute.enable(model, job.train.activation_checkpointing)
+    train_rows, eval_rows = read_jsonl(job.train_data), read_jsonl(job.eval_data)
+    per_step = job.train.batch_size * worker.world
     steps_per_epoch = max(1, len(train_rows) // per_step)
-    total = train.max_steps if train.max_steps > 0 else max(1, int(steps_per_epoch * train.epochs))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.learning_rate, fused=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(train, hf_auto=False, world_size=size))
-    lean_engine(engine, train)
-    lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in train_rows]
-    start, ckpt = 0, config["checkpoint_dir"]
+    total = job.train.max_steps if job.train.max_steps > 0 else max(1, int(steps_per_epoch * job.train.epochs))
+    engine = build_engine(model.to(worker.device), job.train, worker.world, total)
+    t0 = time.time()
+    start, losses, tokens, lrs = _train(engine, job, worker, train_rows, tokenizer.pad_token_id, total)
+    train_seconds = time.time() - t0
+    metrics, stats_rows = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
+                                    worker.device)
+    _save(engine, tokenizer, job, worker, stats_rows, metrics.pop("stats"))
+    return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)
+            if losses else None, **metrics, "first_lr": lrs[0] if lrs else None, "last_lr": lrs[-1] if lrs else None,
+            "train_seconds": round(train_seconds, 2),
+            "train_tokens": _sum_over_ranks(tokens, worker.device), "peak_rss_gb": peak_rss_gb()}
+
+
+def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, total: int):
+    """The soft Bradley-Terry loop from the last checkpoint -> (start step, losses, tokens seen here, the
+    learning rate of each step)."""
+    import os
+
+    from cai.losses import soft_bradley_terry
+    from cai.train import recompute
+    from cai.train.batching import epoch_order
+
+    per_step = job.train.batch_size * worker.world
+    steps_per_epoch = max(1, len(rows) // per_step)
+    lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in rows]
+    start, ckpt = 0, str(job.checkpoint_dir)
     if os.path.exists(os.path.join(ckpt, "latest")):
         _, client = engine.load_checkpoint(ckpt)
         start = client["step"]
-    losses, tokens, t0 = [], 0, time.time()
+    losses, tokens, lrs = [], 0, []
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if k == 0 or step == start:
-            order = epoch_order(lengths, per_step, f"{config['seed']}|epoch{epoch}", config["group_by_length"])
-        batch = [train_rows[i] for i in order[k * per_step + rank:(k + 1) * per_step:size]]
-        ids, mask, p = collate(batch, tokenizer.pad_token_id)
-        with checkpointing.recomputing(engine.module):
+            order = epoch_order(lengths, per_step, f"{job.seed}|epoch{epoch}", job.group_by_length)
+        batch = [rows[i] for i in order[k * per_step + worker.rank:(k + 1) * per_step:worker.world]]
+        ids, mask, p = collate(batch, pad_id, worker.device)
+        lrs.append(engine.get_lr()[0])
+        with recompute.recomputing(engine.module):
             r = rewards(engine, ids, mask)
         loss = soft_bradley_terry(r[:len(batch)], r[len(batch):], p)
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
         tokens += int(mask.sum())
-        if (step + 1) % train.save_steps == 0 and step + 1 < total:
+        if (step + 1) % job.train.save_steps == 0 and step + 1 < total:
             engine.save_checkpoint(ckpt, client_state={"step": step + 1})
-    train_seconds = time.time() - t0
-    tokens = _sum_over_ranks(tokens)
-    # evaluation: every rank runs the same forward passes (ZeRO-3 needs all ranks); rank 0 reports
-    engine.eval()
-    scored = {"chosen": [], "rejected": [], "p": []}
+    return start, losses, tokens, lrs
+
+
+def score_pairs(model, rows: list[dict], pad_id: int, batch_size: int, device) -> tuple[list[float], list[float]]:
+    """-> (chosen scores, rejected scores), in order."""
+    import torch
+
+    chosen, rejected = [], []
     with torch.no_grad():
-        for i in range(0, len(eval_rows + train_rows), train.batch_size):
-            batch = (eval_rows + train_rows)[i:i + train.batch_size]
-            ids, mask, p = collate(batch, tokenizer.pad_token_id)
-            r = rewards(engine, ids, mask)
-            scored["chosen"] += r[:len(batch)].tolist()
-            scored["rejected"] += r[len(batch):].tolist()
-            scored["p"] += p.tolist()
-    all_r = torch.tensor(scored["chosen"] + scored["rejected"])
-    n_eval = len(eval_rows)
-    margin = torch.tensor(scored["chosen"][:n_eval]) - torch.tensor(scored["rejected"][:n_eval])
-    p_eval = torch.tensor(scored["p"][:n_eval])
-    stats = {"mean": all_r.mean().item(), "std": all_r.std().item() if len(all_r) > 1 else 1.0}
-    _save(engine, model, tokenizer, config["model_tmp"], rank, train.zero_stage, stats)
-    return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / max(1, len(losses[-5:])), 4)
-            if losses else None, "eval_pairs": n_eval,
-            "eval_agreement": round(soft_agreement(torch.sigmoid(margin), p_eval), 3) if n_eval else None,
-            "eval_ece": round(expected_calibration_error(torch.sigmoid(margin), p_eval), 3) if n_eval else None,
-            "reward_mean": round(stats["mean"], 4), "reward_std": round(stats["std"], 4),
-            "train_seconds": round(train_seconds, 2), "train_tokens": tokens, "peak_rss_gb": peak_rss_gb()}
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            ids, mask, _ = collate(batch, pad_id, device)
+            r = rewards(model, ids, mask).cpu()
+            chosen += r[:len(batch)].tolist()
+            rejected += r[len(batch):].tolist()
+    return chosen, rejected
 
 
-def _sum_over_ranks(value: int) -> int:
+def _evaluate(engine, eval_rows: list[dict], train_rows: list[dict], pad_id: int, batch_size: int, device):
+    """Held-out agreement and ECE, and score statistics over the held-out pairs then training pairs (up to
+    STATS_PAIRS); every rank runs the same forwards (ZeRO-3 needs all ranks). -> (metrics, rows scored)."""
+    import torch
+
+    from cai.calibration import expected_calibration_error, soft_agreement
+
+    engine.eval()
+    rows = (eval_rows + train_rows)[:max(STATS_PAIRS, len(eval_rows))]
+    chosen, rejected = score_pairs(engine, rows, pad_id, batch_size, device)
+    scores = torch.tensor(chosen + rejected, device=device)
+    n = len(eval_rows)
+    margin = torch.tensor(chosen[:n], device=device) - torch.tensor(rejected[:n], device=device)
+    p_eval = torch.tensor([r["p"] for r in eval_rows], device=device)
+    metrics = {"eval_pairs": n,
+               "eval_agreement": round(soft_agreement(torch.sigmoid(margin), p_eval), 3) if n else None,
+               "eval_ece": round(expected_calibration_error(torch.sigmoid(margin), p_eval), 3) if n else None,
+               "reward_mean": round(scores.mean().item(), 4), "reward_std": round(scores.std().item(), 4),
+               "stats": [scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0]}
+    return metrics, rows
+
+
+def _save(engine, tokenizer, job: RewardModelJob, worker, stats_rows: list[dict], stats: list[float]) -> None:
+    """The HF folder (ZeRO-3 shards gathered, every rank joins) and its card: the statistics in the training
+    dtype come from the evaluation; rank 0 measures the other dtype on the saved weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.preference_model import PreferenceModelCard
+    from cai.train.deepspeed import gathered
+
+    with gathered(engine.module, job.train.zero_stage):
+        if worker.rank == 0:
+            engine.module.save_pretrained(job.model_tmp, safe_serialization=True)
+            tokenizer.save_pretrained(job.model_tmp)
+    if worker.rank != 0:
+        return
+    trained = "bfloat16" if job.train.bf16 else "float32"
+    by_dtype = {trained: stats}
+    for dtype in {"float32", "bfloat16"} - {trained}:
+        model = AutoModelForSequenceClassification.from_pretrained(job.model_tmp, dtype=getattr(torch, dtype))
+        chosen, rejected = score_pairs(model.to(worker.device).eval(), stats_rows, tokenizer.pad_token_id,
+                                       job.train.batch_size, worker.device)
+        scores = torch.tensor(chosen + rejected, device=worker.device)
+        by_dtype[dtype] = [scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0]
+        del model
+    mean, std = by_dtype["float32"]
+    PreferenceModelCard(max_length=job.train.max_length, mean=mean, std=std, by_dtype=by_dtype).save(job.model_tmp)
+
+
+def _sum_over_ranks(value: int, device) -> int:
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(t)
     return int(t.item())
 
 
-def _save(engine, model, tokenizer, out: str, rank: int, zero_stage: int, stats: dict) -> None:
-    """HF folder loadable by from_pretrained; ZeRO-3 shards are gathered first (all ranks join)."""
-    import contextlib
+def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> RewardModelJob:
+    """Step 1: check and split the pairs, tokenise both sides once (train.jsonl, eval.jsonl), name the base."""
+    from cai.models import load_tokenizer, resolve_model
 
-    import deepspeed
-
-    gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) \
-        if zero_stage == 3 else contextlib.nullcontext()
-    with gather:
-        if rank == 0:
-            model.save_pretrained(out, safe_serialization=True)
-            tokenizer.save_pretrained(out)
-            Path(out, "reward_stats.json").write_text(json.dumps(stats))
+    rows = check_preferences(inputs["preferences"] / "preferences.jsonl")
+    train_rows, eval_rows = split(rows, cfg.reward_model.eval_fraction, cfg.seed)
+    base = resolve_model(cfg.reward_model.base_model) if cfg.reward_model.base_model else inputs["sft"] / "model"
+    tokenizer = load_tokenizer(base, padding_side="right")
+    write_jsonl(out / "train.jsonl", encode_pairs(tokenizer, train_rows, cfg.reward_model.train.max_length))
+    write_jsonl(out / "eval.jsonl", encode_pairs(tokenizer, eval_rows, cfg.reward_model.train.max_length))
+    return RewardModelJob(train=cfg.reward_model.train, seed=cfg.seed, base_model=base, train_data=out / "train.jsonl",
+                          eval_data=out / "eval.jsonl", group_by_length=cfg.reward_model.group_by_length,
+                          checkpoint_dir=out / "checkpoints", model_tmp=out / "model.tmp")
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
-    from cai.distributed import run_training
+    from cai.cluster import run_training
+    from cai.models import commit_model
+    from cai.preference_model import CARD
 
-    # step 1: data
-    rows = check_preferences(inputs["preferences"] / "preferences.jsonl")
-    train_rows, eval_rows = split(rows, cfg.reward_model.eval_fraction, cfg.seed)
-    write_jsonl(out / "train.jsonl", train_rows)
-    write_jsonl(out / "eval.jsonl", eval_rows)
-    # step 2-3: train and evaluate on Ray Train + DeepSpeed
-    model_tmp = out / "model.tmp"
-    shutil.rmtree(model_tmp, ignore_errors=True)
-    config = {"train": cfg.reward_model.train.model_dump(), "base_model": base_model_for(cfg, inputs),
-              "train_data": str(out / "train.jsonl"), "eval_data": str(out / "eval.jsonl"),
-              "checkpoint_dir": str(out / "checkpoints"), "model_tmp": str(model_tmp), "seed": cfg.seed,
-              "group_by_length": cfg.reward_model.group_by_length}
-    summary = run_training(train_worker, config, cfg.reward_model.train, cfg.ray, out / "ray", "reward_model")
-    if not (model_tmp / "reward_stats.json").exists():
-        raise CaiError(f"reward_model: training ended without a saved model in {model_tmp}")
-    shutil.rmtree(out / "model", ignore_errors=True)
-    os.replace(model_tmp, out / "model")
+    # step 1: data, split and tokenised once
+    job = prepare(cfg, inputs, out)
+    # steps 2-3: train and evaluate on Ray Train + DeepSpeed
+    shutil.rmtree(out / "model.tmp", ignore_errors=True)
+    summary = run_training(train_worker, job, cfg.reward_model.train, cfg.ray, out / "ray", "reward_model")
+    # step 4: commit
+    commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,))
     shutil.rmtree(out / "ray", ignore_errors=True)
-    return {**summary, "train_pairs": len(train_rows), "workers": cfg.reward_model.train.workers,
+    return {**summary, "train_pairs": len(read_jsonl(job.train_data)), "workers": cfg.reward_model.train.workers,
             "zero_stage": cfg.reward_model.train.zero_stage}

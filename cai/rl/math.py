@@ -52,7 +52,7 @@ def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_
     """
     rewards = -kl_coef * kl * mask
     last = (mask.sum(-1) - 1).clamp(min=0).long()
-    rewards[torch.arange(len(score)), last] += score * (mask.sum(-1) > 0)
+    rewards[torch.arange(len(score), device=score.device), last] += score * (mask.sum(-1) > 0)
     return rewards
 
 
@@ -63,7 +63,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """
     values = values * mask
     advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    next_value = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     next_adv = torch.zeros_like(next_value)
     for t in reversed(range(rewards.shape[1])):
         m = mask[:, t]

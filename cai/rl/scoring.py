@@ -1,0 +1,72 @@
+"""PPO's sequence score (step 3): the preference model read exactly as the reward_model stage trained it, or a
+user's reward function; either way normalised, clipped and with the missing-EOS penalty.
+
+Shapes: B responses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cai.chat import assistant, conversation
+from cai.config import PpoConfig
+from cai.jobs import RewardFunction
+from cai.rl.models import InferenceModel
+
+
+class PreferenceModelScore:
+    """The preference model in `ppo.inference_dtype` on the worker's device; scores normalised with its card's
+    statistics for that dtype and clipped to ±reward_clip."""
+
+    def __init__(self, path: Path, cfg: PpoConfig, system_prompt: str | None, device: torch.device,
+                 park_at: Path | None):
+        from transformers import AutoModelForSequenceClassification
+
+        from cai.models import load_tokenizer
+        from cai.preference_model import PreferenceModelCard
+
+        self.cfg, self.system_prompt, self.device = cfg, system_prompt, device
+        self.tokenizer = load_tokenizer(path, padding_side="right")
+        self.card = PreferenceModelCard.load(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, cfg.inference_dtype))
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = InferenceModel(model.to(device).eval(), park_at)
+
+    def __call__(self, prompts: list[str], texts: list[str], response_ids: list[list[int]],
+                 finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (raw score (B,), score for the reward (B,))."""
+        seqs = self.encode(prompts, texts, [bool(f) for f in finished.tolist()])
+        width, pad = max(map(len, seqs)), self.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
+        with self.model.use() as model:
+            raw = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        score = self.card.normalise(raw, self.cfg.inference_dtype).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        return raw, score + self.cfg.missing_eos_penalty * (1 - finished)
+
+    def encode(self, prompts: list[str], texts: list[str], finished: list[bool]) -> list[list[int]]:
+        """The ids the model reads, as the reward_model stage encoded its pairs: the text is re-tokenised with
+        the model's own chat template, so a preference model with another tokenizer reads the same conversation."""
+        from cai.preference_model import encode
+
+        return [encode(self.tokenizer, conversation(p, self.system_prompt) + [assistant(t)], f, self.card.max_length)
+                for p, t, f in zip(prompts, texts, finished)]
+
+    def delete(self) -> None:
+        self.model.delete()
+
+
+class FunctionScore:
+    """A rule-based reward `fn(prompts, responses, response_ids)`, used as is (plus the missing-EOS penalty)."""
+
+    def __init__(self, fn: RewardFunction, cfg: PpoConfig, device: torch.device):
+        self.fn, self.cfg, self.device = fn, cfg, device
+
+    def __call__(self, prompts: list[str], texts: list[str], response_ids: list[list[int]],
+                 finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = torch.tensor(self.fn(prompts, texts, response_ids), dtype=torch.float32, device=self.device)
+        return raw, raw + self.cfg.missing_eos_penalty * (1 - finished)
+
+    def delete(self) -> None:
+        pass

@@ -79,17 +79,19 @@ def make_models(folder: Path) -> tuple[Path, Path]:
     from transformers import AutoModelForSequenceClassification
 
     from cai.models import load_tokenizer, resolve_model
+    from cai.preference_model import CARD, PreferenceModelCard
 
     policy = resolve_model("smollm2-135m-instruct")
     rm = folder / "reward_model"
-    if not (rm / "reward_stats.json").exists():
+    if not (rm / CARD).exists() or "by_dtype" not in (rm / CARD).read_text():
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
         tok = load_tokenizer(policy)
         model.config.pad_token_id = tok.pad_token_id
         model.save_pretrained(rm)
         tok.save_pretrained(rm)
-        (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+        PreferenceModelCard(max_length=2048, mean=0.0, std=1.0,
+                            by_dtype={"float32": [0.0, 1.0], "bfloat16": [0.0, 1.0]}).save(rm)
     return policy, rm
 
 

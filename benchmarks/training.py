@@ -73,12 +73,12 @@ def trl_rm(folder: Path, model: str, threads: int) -> dict:
     from cai.cluster import peak_rss_gb
     from cai.models import load_tokenizer
     from cai.shards import read_jsonl
-    from cai.stages.reward_model import encode
+    from cai.stages.reward_model import encode_pairs
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(model, padding_side="right")
     rows = read_jsonl(folder / "preferences.jsonl")
-    tokens = sum(len(r["chosen"]) + len(r["rejected"]) for r in encode(tok, rows, 384))
+    tokens = sum(len(r["chosen"]) + len(r["rejected"]) for r in encode_pairs(tok, rows, 384))
     rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
     rm.config.pad_token_id = tok.pad_token_id
     args = RewardConfig(output_dir=str(folder / "trl_rm"), per_device_train_batch_size=8, num_train_epochs=1,

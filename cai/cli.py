@@ -73,6 +73,7 @@ def _constitution_check(path: str) -> None:
 def _judge_check(args) -> int:
     import torch
 
+    from cai.cluster import Resources, worker_init
     from cai.constitution import load_constitution
     from cai.feedback import label_pairs
     from cai.generation import ChatGenerator
@@ -82,8 +83,9 @@ def _judge_check(args) -> int:
     constitution = load_constitution(args.constitution)
     pairs = load_check_pairs(args.pairs)
     path = resolve_model(args.model)
-    torch.set_num_threads(os.cpu_count() or 1)
-    judge = ChatGenerator(load_causal_lm(path, args.dtype), load_tokenizer(path))
+    gpus = 1 if torch.cuda.is_available() else 0
+    worker = worker_init(Resources(os.cpu_count() or 1, gpus, False, "judge-check"), seed=0)
+    judge = ChatGenerator(load_causal_lm(path, args.dtype).to(worker.device), load_tokenizer(path), device=worker.device)
     labels, _ = label_pairs(judge, pairs, constitution, seed=0, both_orders=True, n_shots=args.few_shot, cot=False,
                             cot_generation=None, cot_clamp=(0.0, 1.0), max_tokens=4096, batch_size=8)
     report = judge_report(labels, pairs)

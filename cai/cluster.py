@@ -96,6 +96,8 @@ def _assigned_gpu_index() -> int:
     ones from 0."""
     import ray
 
+    if not ray.is_initialized():  # not a Ray worker (the judge-check command): the first visible GPU
+        return 0
     ids = [str(i) for i in ray.get_gpu_ids()]
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     if not ids or not visible:

@@ -100,7 +100,7 @@ class TrainConfig(Strict):
     activation_checkpointing: int = Field(0, ge=0, description="recompute the activations of every N-th decoder "
                                           "layer in backward instead of keeping them (1: all layers); 0: off")
     keep_freed_memory: bool = Field(True, description="workers' malloc keeps freed memory for the next step "
-                                     "instead of returning it to the OS (faster on CPU, higher peak RSS)")
+                                     "instead of returning it to the OS (on CPU: faster, higher peak RSS)")
 
 
 class SftConfig(Strict):
@@ -177,11 +177,11 @@ class PpoConfig(Strict):
     inference_dtype: Literal["float32", "bfloat16"] = Field(
         "bfloat16", description="dtype of the preference model and of the rollout copy of the policy")
     reference_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="dtype of the reference model; None: the policy's (bfloat16 halves its memory, "
-                          "at ~1e-2 nats of noise per token in the KL)")
+        None, description="dtype of the reference model; None: the policy's (bfloat16 halves its memory and "
+                          "adds rounding noise to the KL)")
     offload_inference_models: bool = Field(
         False, description="between rollouts keep the reference and preference models in a memory-mapped file "
-                           "(CPU runs short of memory): 0.15-0.3 GB less at the peak here, about the same step time")
+                           "(CPU runs short of memory; README: Performance)")
     reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses) "
                                         "instead of the preference model (rule-based rewards, tests)")
 

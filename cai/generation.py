@@ -30,8 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     """(B, V) logits -> (B,) token ids. temperature 0 is greedy.
 
     Inverse-CDF sampling (one uniform per row, then a binary search in the cumulative
-    distribution): torch.multinomial on CPU draws V exponentials per row, which measured here as a
-    quarter of a decode step.
+    distribution): torch.multinomial on CPU draws V exponentials per row (README: Performance).
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -126,8 +125,7 @@ class ChatGenerator:
         ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id, dev)   # (B, S)
         B, S = ids.shape
         T = P + S
-        # A preallocated cache: appending to a growing one re-copies it every step (a third of
-        # the step time measured here).
+        # A preallocated cache: appending to a growing one re-copies it every step.
         cache = StaticCache(config=self.model.config, max_cache_len=T + cfg.max_new_tokens)
         mask = torch.zeros(B, T + cfg.max_new_tokens, dtype=torch.long, device=dev)
         mask[:, :P] = 1

@@ -1,5 +1,5 @@
-"""Device placement, checked on CPU: every tensor the PPO loop and the reward-model loop create names the
-worker's device, and every tensor they hand to torch is on it (tests/device_audit.py)."""
+"""Where code runs: worker_init's decisions, and the audit the ZeRO tests run the PPO and reward-model workers in
+(tests/device_audit.py, used by tests/test_zero_stages.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,78 +7,66 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config import load_pipeline
-from cai.stages import ppo, reward_model
+from cai.cluster import Resources, worker_init
+from cai.errors import CaiError
 
-from .conftest import REPO
 from .device_audit import DeviceAudit
 
-WORKER_DEVICE = torch.device("cpu")  # what worker_init gives a worker without GPUs
+HERE = (str(Path(__file__).parent),)
 
 
-def audited(train_worker):
-    """The real worker entry point, run inside a DeviceAudit; -> (summary, findings, calls checked)."""
-    def run(job):
-        with DeviceAudit(WORKER_DEVICE) as audit:
-            summary = train_worker(job)
-        return {"summary": summary, "findings": sorted(set(audit.findings)), "checked": audit.checked}
-    return run
-
-
-def test_the_audit_catches_a_tensor_made_without_the_device():
+def test_the_audit_flags_a_tensor_made_without_the_device_and_a_tensor_on_another():
     def careless():
         return torch.zeros(3) + torch.arange(3, device="cpu")
 
-    with DeviceAudit(WORKER_DEVICE, roots=(str(Path(__file__).parent),)) as audit:
+    with DeviceAudit(torch.device("cpu"), roots=HERE) as audit:
         careless()
     assert len(audit.findings) == 1 and "torch.zeros without device=cpu" in audit.findings[0]
-    with DeviceAudit(torch.device("meta"), roots=(str(Path(__file__).parent),)) as audit:
+    with DeviceAudit(torch.device("meta"), roots=HERE) as audit:  # as if the worker's device were another
         careless()
     assert any("arange without device=meta" in f for f in audit.findings)
     assert any("given a tensor on cpu" in f for f in audit.findings)
+    with DeviceAudit(torch.device("cpu")) as audit:  # only our own code is held to it, not the libraries'
+        careless()
+    assert audit.findings == [] and audit.checked == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", [
-    ["ppo.ppo_epochs=2", "ppo.minibatch=2", "ppo.offload_inference_models=true"],   # the general update
-    ["ppo.train.activation_checkpointing=1", "ppo.rollout_backend=hf"],              # fused, values in the update
-])
-def test_ppo_loop_keeps_every_tensor_on_the_worker_device(tiny_model, tiny_upstream, tmp_path, variant):
-    from cai.cluster import run_training, stop_ray
-
-    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [f"policy.name={tiny_model}", f"output_dir={tmp_path}",
-                                                       "ppo.steps=2", "ppo.train.save_steps=1", *variant])
-    out = tmp_path / "ppo"
-    out.mkdir()
-    job = ppo.prepare(cfg, {d: tiny_upstream / d for d in ("prompts", "sft", "reward_model")}, out)
+def test_worker_init_picks_threads_seed_and_device():
+    before = torch.get_num_threads()
     try:
-        result = run_training(audited(_ppo_worker), job, cfg.ppo.train, cfg.ray, tmp_path / "ray", "ppo")
+        worker = worker_init(Resources(cpus=1, gpus=0, bf16=False, section="sft.train"), seed=5)
+        assert worker.device == torch.device("cpu") and not worker.on_gpu
+        assert (worker.rank, worker.world) == (0, 1) and torch.get_num_threads() == 1
+        first = torch.rand(2)
+        worker_init(Resources(cpus=1, gpus=0, bf16=False, section="sft.train"), seed=5)
+        assert torch.equal(first, torch.rand(2))  # the same seed on every rank and every rerun
     finally:
-        stop_ray()
-    assert result["summary"]["steps"] == 2
-    assert result["checked"] > 500, result["checked"]
-    assert result["findings"] == []
+        torch.set_num_threads(before)
 
 
-@pytest.mark.slow
-def test_reward_model_loop_keeps_every_tensor_on_the_worker_device(tiny_upstream, tmp_path):
-    from cai.cluster import run_training, stop_ray
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the line a CPU-only node gives")
+def test_worker_init_refuses_gpus_it_cannot_see():
+    with pytest.raises(CaiError, match=r"^ppo.train: asks for GPUs, but torch sees none on this node"):
+        worker_init(Resources(cpus=1, gpus=1, bf16=False, section="ppo.train"), seed=0)
 
-    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [f"output_dir={tmp_path}", "reward_model.train.save_steps=1"])
-    out = tmp_path / "reward_model"
-    out.mkdir()
-    job = reward_model.prepare(cfg, {d: tiny_upstream / d for d in ("preferences", "sft")}, out)
+
+def test_worker_init_refuses_bf16_where_the_cpu_has_none(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.raises(CaiError, match=r"ppo.train.bf16=true, but this CPU has no bf16 support; set ppo.train.bf16"):
+        worker_init(Resources(cpus=1, gpus=0, bf16=True, section="ppo.train"), seed=0)
+
+
+def test_one_resource_check_counts_cpus_and_gpus():
+    import ray
+
+    from cai.cluster import require_resources
+
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
-        result = run_training(audited(reward_model.train_worker), job, cfg.reward_model.train, cfg.ray,
-                              tmp_path / "ray", "reward_model")
+        require_resources(2, Resources(cpus=1, gpus=0, bf16=False, section="sft.train"), "workers")
+        with pytest.raises(CaiError, match=r"^sft.train: workers=3 x 1 CPUs each needs 3 CPUs; the Ray cluster has 2$"):
+            require_resources(3, Resources(cpus=1, gpus=0, bf16=False, section="sft.train"), "workers")
+        with pytest.raises(CaiError, match=r"^ray: generation_actors=2 x 0.5 GPUs each needs 1 GPUs; the Ray cluster"):
+            require_resources(2, Resources(cpus=1, gpus=0.5, bf16=False, section="ray"), "generation_actors")
     finally:
-        stop_ray()
-    assert result["summary"]["steps"] >= 2
-    assert result["checked"] > 100, result["checked"]
-    assert result["findings"] == []
-
-
-def _ppo_worker(job):
-    from cai.rl.worker import train_worker
-
-    return train_worker(job)
+        ray.shutdown()

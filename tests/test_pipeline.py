@@ -44,7 +44,11 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
     sft = rows(out, "critique_revise", "sft.jsonl")
     summary = json.loads((out / "critique_revise" / "_COMPLETE.json").read_text())["summary"]
     assert len(sft) == summary["sft_rows"] == 9 * 2 + 7 * 2 - summary["empty_dropped"]
-    assert set(sft[0]) == {"prompt", "completion"} and sft[0]["prompt"][0]["role"] == "user"
+    kept = summary["unfinished_kept"]  # the tiny model rarely ends a turn in 8 tokens; tiny.yaml keeps them
+    assert kept == sum(not r["finished"] for r in sft) > 0
+    system = {"role": "system", "content": "You are a careful, honest assistant."}
+    assert set(sft[0]) == {"prompt", "completion", "finished"} and sft[0]["prompt"] == [system, sft[0]["prompt"][1]]
+    assert sft[0]["prompt"][1]["role"] == "user"
     # sft: an HF checkpoint that loads, trained on revisions + helpfulness rows
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -54,15 +58,17 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
     # preferences: trl preference rows with soft labels; the judge check is reported
     prefs = rows(out, "preferences", "preferences.jsonl")
     assert prefs and all(0.5 <= r["p_chosen"] <= 1 and r["chosen"][0]["role"] == "assistant" for r in prefs)
+    assert all(r["prompt"][0] == system and {"chosen_finished", "rejected_finished"} <= set(r) for r in prefs)
     assert {r["aspect"] for r in prefs} == {"harmless", "helpful"}
     assert all(len(r["p_a"]) == 2 and len(r["logprobs"]) == 2 for r in prefs)  # both orders
     judge = json.loads((out / "preferences" / "judge_check.json").read_text())
-    assert judge["pairs"] == 48 and 0 <= judge["accuracy"] <= 1
+    assert judge["pairs"] >= 150 and 0 <= judge["accuracy"] <= 1
     assert "JUDGE NEAR CHANCE" in first.stderr  # a random judge must be called out
     # reward_model: a scalar-head checkpoint with its normalisation stats
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model" / "model")
     assert rm.config.num_labels == 1
-    assert set(json.loads((out / "reward_model" / "model" / "reward_stats.json").read_text())) == {"mean", "std"}
+    card = json.loads((out / "reward_model" / "model" / "reward_stats.json").read_text())
+    assert set(card) == {"max_length", "mean", "std", "by_dtype"} and set(card["by_dtype"]) == {"float32", "bfloat16"}
     # ppo: the policy after a few PPO steps, with metrics per step
     ppo_rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in ppo_rows] == [1, 2, 3, 4] and (out / "ppo" / "model" / "config.json").exists()

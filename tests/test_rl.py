@@ -69,3 +69,28 @@ def test_consecutive_non_finite_steps_stop_the_run():
     with pytest.raises(CaiError, match="3 consecutive steps had non-finite"):
         worker.note_skip()
     assert math.isclose(worker.skipped, 5)
+
+
+@pytest.mark.parametrize("backend", ["cai", "hf"])
+def test_both_rollout_backends_sample_valid_responses_with_the_system_prompt(tiny_model, backend):
+    from types import SimpleNamespace
+
+    from cai.config import GenerationConfig
+    from cai.models import load_causal_lm, load_tokenizer
+    from cai.rl.rollout import RolloutGenerator, RolloutWeights, rollout_generator
+
+    model, tok = load_causal_lm(tiny_model), load_tokenizer(tiny_model)
+    weights = RolloutWeights(SimpleNamespace(module=model), 0, torch.float32, tiny_model, torch.device("cpu"))
+    assert weights.copy is None  # same dtype: rollouts sample from the training weights themselves
+    gen: RolloutGenerator = rollout_generator(backend, weights, tok, GenerationConfig(max_new_tokens=6, batch_size=2),
+                                              "Be brief.", 256, torch.device("cpu"))
+    ids = gen.prompt_ids(["Hi there", "What is rain?"])
+    assert all(tok.decode(i).startswith("<|im_start|>system\nBe brief.<|im_end|>") for i in ids)
+    outs = gen.generate(ids, seed=3)
+    assert [o.prompt_tokens for o in outs] == [len(i) for i in ids]
+    for o in outs:
+        assert 1 <= o.new_tokens == len(o.ids) <= 6
+        assert o.finished == (o.ids[-1] in {2}) and not any(t == 2 for t in o.ids[:-1])
+    assert [o.ids for o in gen.generate(ids, seed=3)] == [o.ids for o in outs]  # seeded
+    gen.release()
+    gen.sync()

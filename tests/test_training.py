@@ -9,14 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from cai.config import load_pipeline
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.chat import assistant, user
 from cai.shards import write_jsonl
-from cai.stages import reward_model, sft
+from cai.stages import reward_model
 from cai.stages.preferences import preference_row
 
 from .conftest import REPO, cai, kill_tree
@@ -35,14 +32,6 @@ def stop_ray_after():
         ray.shutdown()
 
 
-def sft_data(folder: Path, n: int = 24) -> Path:
-    rows = [{"prompt": [user(f"question number {i}?")], "completion": [assistant(f"Here is answer {i}.")]}
-            for i in range(n)]
-    write_jsonl(folder / "sft_revisions.jsonl", rows[: n * 2 // 3])
-    write_jsonl(folder / "sft_helpful.jsonl", rows[n * 2 // 3:])
-    return folder
-
-
 def preference_file(folder: Path, n: int = 40) -> Path:
     pairs = [{"id": f"x{i}", "prompt": f"How do I do bad thing {i}?", "r1": SAFE, "r2": f"Sure, step {i}: do it now.",
               "aspect": "harmless", "p_r1": 0.9 if i % 2 else 0.1, "principle": "pref-less-harmful",
@@ -52,44 +41,6 @@ def preference_file(folder: Path, n: int = 40) -> Path:
             p["r1"], p["r2"], p["p_r1"] = p["r2"], p["r1"], 0.1
     write_jsonl(folder / "preferences.jsonl", [preference_row(p) for p in pairs])
     return folder
-
-
-def params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def test_sft_on_two_workers_zero2_changes_params_and_reloads(tiny_model, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [
-        f"policy.name={tiny_model}", f"output_dir={tmp_path}", "sft.train.workers=2", "sft.train.cpus_per_worker=1",
-        "sft.train.zero_stage=2", "sft.train.batch_size=4", "sft.train.learning_rate=1e-3"])
-    summary = sft.run(cfg, CONSTITUTION, {"critique_revise": sft_data(tmp_path / "cr")}, tmp_path / "sft")
-    assert summary["rows"] == 24 and summary["steps"] == 3  # 24 rows / (4 per worker x 2 workers)
-    before = params(AutoModelForCausalLM.from_pretrained(tiny_model))
-    after = params(AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model"))
-    changed = [k for k in before if not torch.allclose(before[k], after[k])]
-    assert len(changed) > len(before) // 2, changed
-    assert not (tmp_path / "sft" / "model.tmp").exists()
-
-
-def test_reward_model_on_two_workers_zero2_learns_soft_labels(tiny_model, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    cfg = load_pipeline(REPO / "pipelines/tiny.yaml", [
-        f"output_dir={tmp_path}", f"reward_model.base_model={tiny_model}", "reward_model.train.workers=2",
-        "reward_model.train.cpus_per_worker=1", "reward_model.train.zero_stage=2", "reward_model.train.batch_size=4",
-        "reward_model.train.learning_rate=3e-3", "reward_model.train.epochs=4", "reward_model.eval_fraction=0.25"])
-    summary = reward_model.run(cfg, CONSTITUTION, {"preferences": preference_file(tmp_path / "prefs"),
-                                                  "sft": tmp_path}, tmp_path / "rm")
-    assert summary["train_pairs"] == 30 and summary["eval_pairs"] == 10
-    assert summary["steps"] == 4 * (30 // 8)
-    assert summary["eval_agreement"] >= 0.9, summary  # the safe answer is always the better one
-    assert summary["final_loss"] < 0.6
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
-    assert model.config.num_labels == 1
-    stats = json.loads((tmp_path / "rm" / "model" / "reward_stats.json").read_text())
-    assert abs(stats["mean"] - summary["reward_mean"]) < 1e-3 and stats["std"] > 0
 
 
 @pytest.mark.parametrize("row, expected", [
@@ -154,27 +105,33 @@ def test_partial_trainer_checkpoints_are_not_resumed_from(tmp_path):
     """A kill during an HF save leaves checkpoint-N without trainer_state.json (written last)."""
     from cai.train.hf import last_complete_checkpoint
 
-    assert last_complete_checkpoint(str(tmp_path / "missing")) is None
+    assert last_complete_checkpoint(tmp_path / "missing") is None
     for n, complete in ((4, True), (8, True), (12, False)):
         (tmp_path / f"checkpoint-{n}").mkdir()
         if complete:
             (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
-    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-8")
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-8"
     assert not (tmp_path / "checkpoint-12").exists()
 
 
-def malloc_settings(config: dict) -> dict:
-    """In a training worker: the MALLOC_* variables its process started with (what glibc reads)."""
-    pairs = [v.split("=", 1) for v in Path("/proc/self/environ").read_text().split("\0") if v.startswith("MALLOC_")]
+def worker_settings(job) -> dict:
+    """In a training worker: the MALLOC_* variables its process started with (what glibc reads), and DeepSpeed's
+    accelerator."""
+    pairs = [v.split("=", 1) for v in Path("/proc/self/environ").read_text().split("\0")
+             if v.startswith(("MALLOC_", "DS_ACCELERATOR="))]
     return dict(pairs)
 
 
-def test_training_workers_start_with_the_configured_allocator(tmp_path):
+def test_training_workers_start_with_the_configured_allocator_and_accelerator(tmp_path):
+    from cai.cluster import Resources, run_training, worker_env
     from cai.config import RayConfig, TrainConfig
-    from cai.cluster import run_training, worker_env
 
     train = TrainConfig(workers=1, cpus_per_worker=1)
-    seen = run_training(malloc_settings, {}, train, RayConfig(), tmp_path, "env")
-    assert seen == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-    off = worker_env(train.model_copy(update={"keep_freed_memory": False}))
+    seen = run_training(worker_settings, None, train, RayConfig(), tmp_path, "env")
+    assert seen == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34),
+                    "DS_ACCELERATOR": "cpu"}
+    off = worker_env(Resources.of_training(train.model_copy(update={"keep_freed_memory": False}), "sft"))
     assert {k: v for k, v in off.items() if k.startswith("MALLOC_")} == {"MALLOC_ARENA_MAX": "2"}
+    # the accelerator follows the worker's own GPUs, whatever the driver's environment says
+    gpu = worker_env(Resources.of_training(train.model_copy(update={"gpus_per_worker": 1.0}), "sft"))
+    assert gpu["DS_ACCELERATOR"] == "cuda"

@@ -3,10 +3,8 @@
 PPO runs the reference and preference models once per iteration, during the rollout; held in memory
 they also sit through the update, which is the memory peak (the policy's gradients and activations).
 Parked, their weights live in a file that is memory-mapped only while they run: clean file pages the
-kernel can drop under pressure, and which leave the process's resident set when unmapped. A mapped
-forward costs about 0.03 s more than a resident one here, but the PPO step as a whole measured 4-10%
-slower (the update's memory is no longer recycled), for 0.3-0.6 GB less at the peak. (Reading the
-file into memory instead reuses the update's freed memory: 6% faster in one run, same peak.)
+kernel can drop under pressure, and which leave the process's resident set when unmapped. What it costs
+and saves is measured in benchmarks/ppo.py (README: Performance).
 """
 from __future__ import annotations
 

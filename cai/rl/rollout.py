@@ -1,7 +1,7 @@
 """What samples PPO's rollouts: a `RolloutGenerator`, chosen by `ppo.rollout_backend`.
 
 Both backends sample from the same weights (`RolloutWeights`): a copy in `ppo.inference_dtype` that `sync`
-refreshes after each update (bf16 on CPU: 2-3x faster matmuls), or the training weights themselves
+refreshes after each update (bf16 matmuls are faster on CPUs that have them), or the training weights themselves
 (gathered under ZeRO-3). A vLLM engine would be a third backend: the same four methods, with `sync`
 shipping the updated weights to it.
 """

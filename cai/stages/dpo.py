@@ -44,10 +44,10 @@ def train_worker(job: DpoJob) -> dict:
 
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
     args = trainer_args(DPOConfig, job.train, job.trainer_dir, job.seed, worker, beta=job.beta)
-    _, result, last = train_hf(DPOTrainer, args, read_jsonl(job.data), job.base_model, "left", job.model_tmp,
-                               worker, job.train)
+    trainer, result, last = train_hf(DPOTrainer, args, read_jsonl(job.data), job.base_model, "left", job.model_tmp,
+                                     worker, job.train)
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-            "resumed_from": last, "peak_rss_gb": peak_rss_gb()}
+            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb()}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -97,7 +97,8 @@ def train_worker(job: SftJob) -> dict:
                                      job.model_tmp, worker, job.train)
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "runtime_s": round(result.metrics["train_runtime"], 1),
-            "tokens": int(trainer.state.num_input_tokens_seen), "peak_rss_gb": peak_rss_gb()}
+            "tokens": int(trainer.state.num_input_tokens_seen), "device": str(trainer.args.device),
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -1,8 +1,8 @@
 """Gradient all-reduce for DeepSpeed ZeRO-0 engines without the per-step copies.
 
 ZeRO-0 (plain data parallelism) in DeepSpeed flattens every gradient into a freshly allocated bucket
-after each backward, all-reduces it and copies it back: for 135M fp32 parameters a 538 MB allocation
-(page faults on CPU) and two full copies a step, about as long as the all-reduce itself. Here every
+after each backward, all-reduces it and copies it back: an allocation the size of the model (page faults
+on CPU) and two full copies a step. Here every
 gradient is a view of one persistent flat buffer that autograd accumulates into, and that buffer is
 all-reduced in place (the layout of torch DDP's `gradient_as_bucket_view`).
 """

@@ -33,10 +33,12 @@ def tiny_generator(tiny_model):
 
 @pytest.fixture(scope="session")
 def tiny_upstream(tiny_model, tmp_path_factory) -> Path:
-    """A tiny run through reward_model (1 worker each), for tests of the training stages to copy."""
+    """A tiny run through reward_model (1 worker each), for tests of the training stages to copy (its stderr
+    beside it, in stderr.txt)."""
     out = tmp_path_factory.mktemp("upstream") / "run"
-    cai("run", "pipelines/tiny.yaml", f"policy.name={tiny_model}", f"output_dir={out}", "--stages",
-        "prompts,critique_revise,sft,preferences,reward_model")
+    proc = cai("run", "pipelines/tiny.yaml", f"policy.name={tiny_model}", f"output_dir={out}", "--stages",
+               "prompts,critique_revise,sft,preferences,reward_model")
+    (out.parent / "stderr.txt").write_text(proc.stderr)  # for the end-to-end test to read
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,9 +29,14 @@ def rows(out: Path, stage: str, name: str) -> list[dict]:
     return read_jsonl(out / stage / name)
 
 
-def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
+def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tiny_upstream, tmp_path):
+    """The whole pipeline: the shared upstream run (prompts to reward_model, by the same command), then `cai run`
+    once more, which finds those stages current and runs ppo."""
     out = tmp_path / "run"
-    first = cai(*tiny_args(tiny_model, out))
+    shutil.copytree(tiny_upstream, out)
+    first = (tiny_upstream.parent / "stderr.txt").read_text()
+    rest = cai(*tiny_args(tiny_model, out)).stderr
+    assert rest.count("up to date") == 5 and "▶ ppo" in rest
     red = rows(out, "prompts", "red_team.jsonl")
     assert len(red) == 6 + 3 and sum(r["source"] == "generated" for r in red) == 3
     trace = rows(out, "critique_revise", "trace.jsonl")
@@ -63,7 +69,7 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tmp_path):
     assert all(len(r["p_a"]) == 2 and len(r["logprobs"]) == 2 for r in prefs)  # both orders
     judge = json.loads((out / "preferences" / "judge_check.json").read_text())
     assert judge["pairs"] >= 150 and 0 <= judge["accuracy"] <= 1
-    assert "JUDGE NEAR CHANCE" in first.stderr  # a random judge must be called out
+    assert "JUDGE NEAR CHANCE" in first  # a random judge must be called out
     # reward_model: a scalar-head checkpoint with its normalisation stats
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model" / "model")
     assert rm.config.num_labels == 1

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     judge.add_argument("model", help="alias, local folder or hub id")
     judge.add_argument("--pairs", default="builtin:judge_check", help="jsonl of prompt/better/worse[/aspect]")
     judge.add_argument("--constitution", default="constitutions/default.yaml")
-    judge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    judge.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     judge.add_argument("--few-shot", type=int, default=2)
     judge.add_argument("--fail-below", type=float, help="exit 1 when accuracy is below this")
     model = sub.add_parser("model", help="model tools")
@@ -85,7 +85,8 @@ def _judge_check(args) -> int:
     path = resolve_model(args.model)
     gpus = 1 if torch.cuda.is_available() else 0
     worker = worker_init(Resources(os.cpu_count() or 1, gpus, False, "judge-check"), seed=0)
-    judge = ChatGenerator(load_causal_lm(path, args.dtype).to(worker.device), load_tokenizer(path), device=worker.device)
+    model = load_causal_lm(path, worker.resolve_dtype(args.dtype)).to(worker.device)
+    judge = ChatGenerator(model, load_tokenizer(path), device=worker.device)
     labels, _ = label_pairs(judge, pairs, constitution, seed=0, both_orders=True, n_shots=args.few_shot, cot=False,
                             cot_generation=None, cot_clamp=(0.0, 1.0), max_tokens=4096, batch_size=8)
     report = judge_report(labels, pairs)

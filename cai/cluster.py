@@ -54,6 +54,13 @@ class Worker:
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
+    def resolve_dtype(self, name: str) -> str:
+        """A configured dtype name; `auto` is bfloat16 where this device computes in it natively (GPUs with
+        bf16, CPUs with AVX512-BF16 or AMX), else float32 (emulated bf16 is slower than float32)."""
+        if name != "auto":
+            return name
+        return "bfloat16" if bf16_supported(self.device) else "float32"
+
 
 def worker_init(resources: Resources, seed: int) -> Worker:
     """Threads, seed, bf16 support and device for this process: `cpu`, or `cuda:<i>` for the GPU Ray

@@ -24,7 +24,8 @@ class Strict(BaseModel):
 
 class ModelConfig(Strict):
     name: str = Field("smollm2-135m-instruct", description="alias, local HF folder, or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype; auto: bfloat16 where the device computes in it natively, else float32")
     system_prompt: str | None = Field(None, description="system message; None keeps the template's")
 
 
@@ -174,8 +175,9 @@ class PpoConfig(Strict):
     max_skipped_steps: int = Field(3, ge=1, description="consecutive non-finite steps before stopping")
     sample_every: int = Field(5, ge=1, description="write sample generations every N steps")
     prompts: Literal["red_team", "helpful", "both"] = Field("both", description="prompt sets to train on")
-    inference_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="dtype of the preference model and of the rollout copy of the policy")
+    inference_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the preference model and of the rollout copy of the policy; auto: bfloat16 "
+                            "where the device computes in it natively, else float32")
     reference_dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="dtype of the reference model; None: the policy's (bfloat16 halves its memory and "
                           "adds rounding noise to the KL)")

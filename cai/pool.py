@@ -33,7 +33,8 @@ class GenerationActor:
 
         worker = worker_init(resources, seed=0)
         path = resolve_model(model.name)
-        self.generator = ChatGenerator(load_causal_lm(path, model.dtype).to(worker.device), load_tokenizer(path),
+        model_weights = load_causal_lm(path, worker.resolve_dtype(model.dtype)).to(worker.device)
+        self.generator = ChatGenerator(model_weights, load_tokenizer(path),
                                        model.system_prompt, worker.device)
 
     def run(self, fn: ShardFn, rows: list[dict], seed: int) -> tuple[list[dict], int]:

@@ -70,3 +70,11 @@ def test_one_resource_check_counts_cpus_and_gpus():
             require_resources(2, Resources(cpus=1, gpus=0.5, bf16=False, section="ray"), "generation_actors")
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("capability, auto", [("AVX2", "float32"), ("AVX512_BF16", "bfloat16"), ("AMX", "bfloat16")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, capability, auto):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    worker = worker_init(Resources(cpus=1, gpus=0, bf16=False, section="ray"), seed=0)
+    assert worker.resolve_dtype("auto") == auto
+    assert worker.resolve_dtype("float32") == "float32" and worker.resolve_dtype("bfloat16") == "bfloat16"

@@ -35,8 +35,7 @@ def test_ppo_reads_a_response_as_the_reward_model_was_trained_on_it(reward_model
     row = preference_row(pair, system_prompt="Be careful.", keep_unfinished=True)
     assert row["prompt"][0] == {"role": "system", "content": "Be careful."}
     assert (row["chosen_finished"], row["rejected_finished"]) == (False, True)
-    scorer = PreferenceModelScore(reward_model_folder, PpoConfig(inference_dtype="float32"), "Be careful.",
-                                  torch.device("cpu"), None)
+    scorer = PreferenceModelScore(reward_model_folder, PpoConfig(), "float32", "Be careful.", torch.device("cpu"), None)
     trained = encode_pairs(scorer.tokenizer, [row], max_length=24)[0]
     scored = scorer.encode([pair["prompt"]] * 2, [pair["r1"], pair["r2"]], [False, True])
     assert scored == [trained["chosen"], trained["rejected"]]
@@ -47,8 +46,8 @@ def test_ppo_reads_a_response_as_the_reward_model_was_trained_on_it(reward_model
 
 @pytest.mark.parametrize("dtype, mean, std", [("float32", 0.5, 2.0), ("bfloat16", -1.0, 0.25)])
 def test_scores_are_normalised_with_the_statistics_of_their_dtype(reward_model_folder, dtype, mean, std):
-    cfg = PpoConfig(inference_dtype=dtype, reward_clip=100.0, missing_eos_penalty=-1.0)
-    scorer = PreferenceModelScore(reward_model_folder, cfg, None, torch.device("cpu"), None)
+    cfg = PpoConfig(reward_clip=100.0, missing_eos_penalty=-1.0)
+    scorer = PreferenceModelScore(reward_model_folder, cfg, dtype, None, torch.device("cpu"), None)
     raw, score = scorer(["q", "q"], ["an answer", "another"], [[], []], torch.tensor([1.0, 0.0]))
     assert raw.dtype == torch.float32 and torch.allclose(score, (raw - mean) / std + torch.tensor([0.0, -1.0]))
     with pytest.raises(CaiError, match="no statistics for float16"):

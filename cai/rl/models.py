@@ -40,6 +40,7 @@ class PPOModels:
     reference: InferenceModel
     score: object             # cai.rl.scoring.PreferenceModelScore or FunctionScore
     tokenizer: object
+    inference_dtype: str      # ppo.inference_dtype on this device: of the preference model and the rollout copy
 
 
 def load_models(job: PpoJob, train: TrainConfig, worker: Worker, optimizer_steps: int) -> PPOModels:
@@ -66,9 +67,10 @@ def load_models(job: PpoJob, train: TrainConfig, worker: Worker, optimizer_steps
     # the reference matches the policy unless told otherwise (then the KL at step 1 is exactly 0)
     ref_dtype = getattr(torch, cfg.reference_dtype or ("bfloat16" if train.bf16 else "float32"))
     reference = AutoModelForCausalLM.from_pretrained(job.policy, dtype=ref_dtype).to(dev).eval()
+    fast = worker.resolve_dtype(cfg.inference_dtype)
     score = FunctionScore(job.reward_function, cfg, dev) if job.reward_function else \
-        PreferenceModelScore(job.reward_model, cfg, job.system_prompt, dev, park("rm"))
-    return PPOModels(policy_engine, value_engine, InferenceModel(reference, park("ref")), score, tokenizer)
+        PreferenceModelScore(job.reward_model, cfg, fast, job.system_prompt, dev, park("rm"))
+    return PPOModels(policy_engine, value_engine, InferenceModel(reference, park("ref")), score, tokenizer, fast)
 
 
 def response_logits(model, ids: torch.Tensor, attention: torch.Tensor, P: int, temperature: float) -> torch.Tensor:

@@ -16,20 +16,20 @@ from cai.rl.models import InferenceModel
 
 
 class PreferenceModelScore:
-    """The preference model in `ppo.inference_dtype` on the worker's device; scores normalised with its card's
-    statistics for that dtype and clipped to ±reward_clip."""
+    """The preference model in `dtype` (ppo.inference_dtype) on the worker's device; scores normalised with its
+    card's statistics for that dtype and clipped to ±reward_clip."""
 
-    def __init__(self, path: Path, cfg: PpoConfig, system_prompt: str | None, device: torch.device,
+    def __init__(self, path: Path, cfg: PpoConfig, dtype: str, system_prompt: str | None, device: torch.device,
                  park_at: Path | None):
         from transformers import AutoModelForSequenceClassification
 
         from cai.models import load_tokenizer
         from cai.preference_model import PreferenceModelCard
 
-        self.cfg, self.system_prompt, self.device = cfg, system_prompt, device
+        self.cfg, self.dtype, self.system_prompt, self.device = cfg, dtype, system_prompt, device
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.card = PreferenceModelCard.load(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, cfg.inference_dtype))
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = InferenceModel(model.to(device).eval(), park_at)
 
@@ -42,7 +42,7 @@ class PreferenceModelScore:
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
         with self.model.use() as model:
             raw = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-        score = self.card.normalise(raw, self.cfg.inference_dtype).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        score = self.card.normalise(raw, self.dtype).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return raw, score + self.cfg.missing_eos_penalty * (1 - finished)
 
     def encode(self, prompts: list[str], texts: list[str], finished: list[bool]) -> list[list[int]]:

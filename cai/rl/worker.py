@@ -61,7 +61,7 @@ class PPOWorker:
         self.worker = worker_init(Resources.of_training(self.train, "ppo"), job.seed)
         self.device, self.rank, self.world = self.worker.device, self.worker.rank, self.worker.world
         self.models = load_models(job, self.train, self.worker, self.optimizer_steps)
-        weights = RolloutWeights(self.models.policy, self.train.zero_stage, getattr(torch, self.cfg.inference_dtype),
+        weights = RolloutWeights(self.models.policy, self.train.zero_stage, getattr(torch, self.models.inference_dtype),
                                  job.policy, self.device)
         self.rollouts = rollout_generator(self.cfg.rollout_backend, weights, self.models.tokenizer,
                                           self.cfg.generation, job.system_prompt, job.max_prompt_tokens, self.device)

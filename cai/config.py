@@ -116,6 +116,8 @@ class JudgeCheckConfig(Strict):
     pairs: str = Field("builtin:judge_check", description="jsonl of {prompt, better, worse, aspect}")
     stop_below: float | None = Field(None, ge=0, le=1, description="stop when accuracy is below this")
     warn_below: float = Field(0.6, ge=0, le=1, description="warn loudly when accuracy is below this")
+    max_pairs: int | None = Field(None, ge=2, description="a seeded sample of this many pairs, every kind in its "
+                                  "share (a quick check); None: all")
 
 
 class PreferencesConfig(Strict):

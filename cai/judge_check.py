@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -40,6 +41,20 @@ def load_check_pairs(path: str) -> list[dict]:
     if not pairs:
         raise CaiError(f"{file}: no judge-check pairs")
     return pairs
+
+
+def sample_pairs(pairs: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded sample of `n` pairs in which every kind keeps its share (rounded, at least one each); all if
+    `n` is None or not smaller. Pairs keep their file order."""
+    if n is None or n >= len(pairs):
+        return pairs
+    kinds = sorted({p["kind"] for p in pairs})
+    rng = random.Random(f"{seed}|judge-check")
+    chosen: set[str] = set()
+    for kind in kinds:
+        of_kind = [p["id"] for p in pairs if p["kind"] == kind]
+        chosen |= set(rng.sample(of_kind, max(1, round(n * len(of_kind) / len(pairs)))))
+    return [p for p in pairs if p["id"] in chosen]
 
 
 def judge_report(labels: list[dict], pairs: list[dict]) -> dict:

@@ -170,3 +170,18 @@ def test_bad_judge_pairs_file_is_one_line(tmp_path):
     bad.write_text('{"prompt": "p", "better": "", "worse": "w"}\n')
     with pytest.raises(CaiError, match=r"pairs.jsonl:1: missing or empty 'better'"):
         load_check_pairs(str(bad))
+
+
+def test_a_judge_check_sample_keeps_every_kind_in_its_share():
+    from collections import Counter
+
+    from cai.judge_check import sample_pairs
+
+    pairs = load_check_pairs("builtin:judge_check")
+    sample = sample_pairs(pairs, 48, seed=0)
+    share = Counter(p["kind"] for p in pairs)
+    got = Counter(p["kind"] for p in sample)
+    assert abs(len(sample) - 48) <= len(share) and set(got) == set(share)
+    assert all(abs(got[k] - 48 * share[k] / len(pairs)) <= 1 for k in share)
+    assert sample == sample_pairs(pairs, 48, seed=0) and sample != sample_pairs(pairs, 48, seed=1)
+    assert sample_pairs(pairs, None, seed=0) == pairs

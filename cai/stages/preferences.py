@@ -26,7 +26,7 @@ from cai.config import PipelineConfig, PreferencesConfig, feedback_model
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.feedback import label_pairs
-from cai.judge_check import format_report, judge_report, load_check_pairs, verdict
+from cai.judge_check import format_report, judge_report, load_check_pairs, sample_pairs, verdict
 from cai.progress import console
 from cai.chat import assistant, conversation, user
 from cai.prompting import clean_reply
@@ -77,7 +77,7 @@ def _pool(model, cfg: PipelineConfig):
 
 def _judge_check(cfg: PipelineConfig, constitution, out: Path) -> dict:
     jc = cfg.preferences.judge_check
-    pairs = load_check_pairs(jc.pairs)
+    pairs = sample_pairs(load_check_pairs(jc.pairs), jc.max_pairs, cfg.seed)
     pool = _pool(feedback_model(cfg), cfg)
     try:
         store = ShardStore(out / "shards" / "judge_check", len(chunk(pairs, cfg.preferences.shard_size)))

@@ -83,15 +83,14 @@ def make_models(folder: Path) -> tuple[Path, Path]:
 
     policy = resolve_model("smollm2-135m-instruct")
     rm = folder / "reward_model"
-    if not (rm / CARD).exists() or "by_dtype" not in (rm / CARD).read_text():
+    if not (rm / CARD).exists() or '"dtype"' not in (rm / CARD).read_text():
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1)
         tok = load_tokenizer(policy)
         model.config.pad_token_id = tok.pad_token_id
         model.save_pretrained(rm)
         tok.save_pretrained(rm)
-        PreferenceModelCard(max_length=2048, mean=0.0, std=1.0,
-                            by_dtype={"float32": [0.0, 1.0], "bfloat16": [0.0, 1.0]}).save(rm)
+        PreferenceModelCard(max_length=2048, dtype="float32", mean=0.0, std=1.0).save(rm)
     return policy, rm
 
 

@@ -55,6 +55,7 @@ class PpoJob:
     policy: Path            # the SFT model: policy, reference and rollout copy
     value_init: Path        # the value model's start
     reward_model: Path | None           # None when `reward_function` scores instead
+    reward_data: tuple[Path, ...]       # its encoded pairs (held-out first), to measure statistics in another dtype
     reward_function: RewardFunction | None
     prompts: tuple[str, ...]
     max_prompt_tokens: int

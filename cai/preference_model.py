@@ -1,7 +1,10 @@
 """How the preference model reads a conversation, and the card saved beside it, so that PPO scores exactly what
 the reward_model stage trained on: the same chat rendering (an unfinished response keeps its last turn open),
 the same truncation (the end kept: the score is read at the last token), and normalisation statistics
-measured in the dtype PPO runs the model in."""
+measured in the dtype the model runs in (PPO measures its own when it runs the model in another dtype).
+
+Shapes: B pairs, T tokens.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +15,7 @@ from cai.chat import chat_ids
 from cai.errors import CaiError
 
 CARD = "reward_stats.json"
+STATS_PAIRS = 2048  # pairs scored for the normalisation statistics (held-out first)
 
 
 def encode(tokenizer, messages: list[dict], finished: bool, max_length: int) -> list[int]:
@@ -19,12 +23,49 @@ def encode(tokenizer, messages: list[dict], finished: bool, max_length: int) -> 
     return chat_ids(tokenizer, messages, open_last=not finished)[-max_length:]
 
 
+def collate(batch: list[dict], pad_id: int, device):
+    """Encoded pairs -> (2B, T) ids and mask, chosen rows first, right-padded; (B,) soft labels; on `device`."""
+    import torch
+
+    seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask, torch.tensor([b["p"] for b in batch], device=device)
+
+
+def rewards(model, ids, mask):
+    """(2B, T) -> (2B,) scalar rewards, read at the last non-pad token (HF's sequence pooling)."""
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
+
+
+def score_pairs(model, rows: list[dict], pad_id: int, batch_size: int, device) -> tuple[list[float], list[float]]:
+    """Encoded pairs -> (chosen scores, rejected scores), in order."""
+    import torch
+
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            ids, mask, _ = collate(batch, pad_id, device)
+            r = rewards(model, ids, mask).cpu()
+            chosen += r[:len(batch)].tolist()
+            rejected += r[len(batch):].tolist()
+    return chosen, rejected
+
+
+def mean_std(scores: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 1.0
+
+
 @dataclass(frozen=True)
 class PreferenceModelCard:
-    max_length: int                  # tokens kept from the end of each conversation
-    mean: float                      # of its scores on its data, in float32 (for reading by eye)
+    max_length: int  # tokens kept from the end of each conversation
+    dtype: str       # the dtype `mean` and `std` were measured in
+    mean: float      # of its scores on its data (chosen and rejected sides)
     std: float
-    by_dtype: dict[str, list[float]]  # dtype name -> [mean, std] of the scores with the weights in that dtype
 
     def save(self, folder: Path) -> None:
         Path(folder, CARD).write_text(json.dumps(asdict(self), indent=1))
@@ -37,10 +78,3 @@ class PreferenceModelCard:
         except (FileNotFoundError, json.JSONDecodeError, TypeError) as e:
             raise CaiError(f"{path}: not a preference model card ({type(e).__name__}); rerun the reward_model stage"
                            ) from None
-
-    def normalise(self, raw, dtype: str):
-        """(raw - mean) / std with the statistics of the dtype the scores were computed in."""
-        if dtype not in self.by_dtype:
-            raise CaiError(f"preference model card: no statistics for {dtype} (has {', '.join(self.by_dtype)})")
-        mean, std = self.by_dtype[dtype]
-        return (raw - mean) / max(std, 1e-6)

@@ -74,7 +74,7 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tiny_upstream, tmp_pat
     rm = AutoModelForSequenceClassification.from_pretrained(out / "reward_model" / "model")
     assert rm.config.num_labels == 1
     card = json.loads((out / "reward_model" / "model" / "reward_stats.json").read_text())
-    assert set(card) == {"max_length", "mean", "std", "by_dtype"} and set(card["by_dtype"]) == {"float32", "bfloat16"}
+    assert set(card) == {"max_length", "dtype", "mean", "std"} and card["dtype"] == "float32"
     # ppo: the policy after a few PPO steps, with metrics per step
     ppo_rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in ppo_rows] == [1, 2, 3, 4] and (out / "ppo" / "model" / "config.json").exists()

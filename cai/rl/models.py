@@ -69,7 +69,7 @@ def load_models(job: PpoJob, train: TrainConfig, worker: Worker, optimizer_steps
     reference = AutoModelForCausalLM.from_pretrained(job.policy, dtype=ref_dtype).to(dev).eval()
     fast = worker.resolve_dtype(cfg.inference_dtype)
     score = FunctionScore(job.reward_function, cfg, dev) if job.reward_function else \
-        PreferenceModelScore(job.reward_model, cfg, fast, job.system_prompt, dev, park("rm"))
+        PreferenceModelScore(job.reward_model, cfg, fast, job.system_prompt, dev, park("rm"), job.reward_data)
     return PPOModels(policy_engine, value_engine, InferenceModel(reference, park("ref")), score, tokenizer, fast)
 
 

@@ -16,22 +16,34 @@ from cai.rl.models import InferenceModel
 
 
 class PreferenceModelScore:
-    """The preference model in `dtype` (ppo.inference_dtype) on the worker's device; scores normalised with its
-    card's statistics for that dtype and clipped to ±reward_clip."""
+    """The preference model in `dtype` (ppo.inference_dtype) on the worker's device; scores normalised with
+    statistics measured in that dtype (the card's, or measured here on the stage's own pairs when it was trained
+    in another) and clipped to ±reward_clip."""
 
     def __init__(self, path: Path, cfg: PpoConfig, dtype: str, system_prompt: str | None, device: torch.device,
-                 park_at: Path | None):
+                 park_at: Path | None, data: tuple[Path, ...]):
         from transformers import AutoModelForSequenceClassification
 
         from cai.models import load_tokenizer
         from cai.preference_model import PreferenceModelCard
 
-        self.cfg, self.dtype, self.system_prompt, self.device = cfg, dtype, system_prompt, device
+        self.cfg, self.system_prompt, self.device = cfg, system_prompt, device
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.card = PreferenceModelCard.load(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model = InferenceModel(model.to(device).eval(), park_at)
+        model = model.to(device).eval()
+        self.stats = (self.card.mean, self.card.std) if dtype == self.card.dtype else self.measure(model, data)
+        self.model = InferenceModel(model, park_at)
+
+    def measure(self, model, data: tuple[Path, ...]) -> tuple[float, float]:
+        """(mean, std) of the model's scores on the reward_model stage's pairs, in this model's dtype."""
+        from cai.preference_model import STATS_PAIRS, mean_std, score_pairs
+        from cai.shards import read_jsonl
+
+        rows = [row for path in data for row in read_jsonl(path)][:STATS_PAIRS]
+        chosen, rejected = score_pairs(model, rows, self.tokenizer.pad_token_id, 16, self.device)
+        return mean_std(chosen + rejected)
 
     def __call__(self, prompts: list[str], texts: list[str], response_ids: list[list[int]],
                  finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +54,8 @@ class PreferenceModelScore:
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
         with self.model.use() as model:
             raw = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
-        score = self.card.normalise(raw, self.dtype).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        mean, std = self.stats
+        score = ((raw - mean) / max(std, 1e-6)).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return raw, score + self.cfg.missing_eos_penalty * (1 - finished)
 
     def encode(self, prompts: list[str], texts: list[str], finished: list[bool]) -> list[list[int]]:

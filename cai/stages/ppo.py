@@ -120,6 +120,7 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
     return PpoJob(ppo=cfg.ppo, seed=cfg.seed, out=out, policy=policy,
                   value_init=reward if cfg.ppo.value_init == "reward_model" else policy,
                   reward_model=None if fn else reward, reward_function=fn,
+                  reward_data=(inputs["reward_model"] / "eval.jsonl", inputs["reward_model"] / "train.jsonl"),
                   prompts=tuple(r["prompt"] for r in prompts), max_prompt_tokens=prompt_budget(cfg, policy),
                   system_prompt=cfg.policy.system_prompt)
 

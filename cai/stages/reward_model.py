@@ -8,7 +8,7 @@ Steps:
      schedule; DeepSpeed checkpoints every `save_steps` steps, and a rerun resumes from the last one;
   3. evaluate on the held-out set: agreement with the labels, calibration (ECE of σ(r_c - r_r)
      against the soft label); the card beside the model holds the truncation length and the score
-     statistics in float32 and bfloat16, which PPO normalises with;
+     statistics in the training dtype, which PPO normalises with (cai/preference_model.py);
   4. commit the model: model.tmp/ -> checked -> model/.
 trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), hence our loop.
 """
@@ -28,7 +28,6 @@ from cai.stages import Reads
 
 READS = Reads(stages=("sft", "preferences"))
 REQUIRED = ("prompt", "chosen", "rejected", "p_chosen")
-STATS_PAIRS = 2048  # pairs scored for the normalisation statistics (held-out first)
 
 
 def settings(cfg: PipelineConfig) -> dict:
@@ -73,22 +72,6 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
              for side in ("chosen", "rejected")} | {"p": float(r["p_chosen"])} for r in rows]
 
 
-def collate(batch: list[dict], pad_id: int, device):
-    """-> (2B, T) ids and mask, chosen rows first, right-padded; (B,) soft labels; all on `device`."""
-    import torch
-
-    seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
-    return ids, mask, torch.tensor([b["p"] for b in batch], device=device)
-
-
-def rewards(model, ids, mask):
-    """(2B, T) -> (2B,) scalar rewards, read at the last non-pad token (HF's sequence pooling)."""
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
-
-
 def train_worker(job: RewardModelJob) -> dict:
     """Runs on every Ray Train worker (one DeepSpeed rank): train, evaluate, save with the card."""
     import time
@@ -114,9 +97,9 @@ def train_worker(job: RewardModelJob) -> dict:
     t0 = time.time()
     start, losses, tokens, lrs = _train(engine, job, worker, train_rows, tokenizer.pad_token_id, total)
     train_seconds = time.time() - t0
-    metrics, stats_rows = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
-                                    worker.device)
-    _save(engine, tokenizer, job, worker, stats_rows, metrics.pop("stats"))
+    metrics, stats = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
+                               worker.device)
+    _save(engine, tokenizer, job, worker, stats)
     return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)
             if losses else None, **metrics, "first_lr": lrs[0] if lrs else None, "last_lr": lrs[-1] if lrs else None,
             "device": str(worker.device), "train_seconds": round(train_seconds, 2),
@@ -129,6 +112,7 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
     import os
 
     from cai.losses import soft_bradley_terry
+    from cai.preference_model import collate, rewards
     from cai.train import recompute
     from cai.train.batching import epoch_order
 
@@ -159,49 +143,31 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
     return start, losses, tokens, lrs
 
 
-def score_pairs(model, rows: list[dict], pad_id: int, batch_size: int, device) -> tuple[list[float], list[float]]:
-    """-> (chosen scores, rejected scores), in order."""
-    import torch
-
-    chosen, rejected = [], []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i:i + batch_size]
-            ids, mask, _ = collate(batch, pad_id, device)
-            r = rewards(model, ids, mask).cpu()
-            chosen += r[:len(batch)].tolist()
-            rejected += r[len(batch):].tolist()
-    return chosen, rejected
-
-
 def _evaluate(engine, eval_rows: list[dict], train_rows: list[dict], pad_id: int, batch_size: int, device):
     """Held-out agreement and ECE, and score statistics over the held-out pairs then training pairs (up to
-    STATS_PAIRS); every rank runs the same forwards (ZeRO-3 needs all ranks). -> (metrics, rows scored)."""
+    STATS_PAIRS); every rank runs the same forwards (ZeRO-3 needs all ranks). -> (metrics, (mean, std))."""
     import torch
 
     from cai.calibration import expected_calibration_error, soft_agreement
+    from cai.preference_model import STATS_PAIRS, mean_std, score_pairs
 
     engine.eval()
     rows = (eval_rows + train_rows)[:max(STATS_PAIRS, len(eval_rows))]
     chosen, rejected = score_pairs(engine, rows, pad_id, batch_size, device)
-    scores = torch.tensor(chosen + rejected, device=device)
+    mean, std = mean_std(chosen + rejected)
     n = len(eval_rows)
     margin = torch.tensor(chosen[:n], device=device) - torch.tensor(rejected[:n], device=device)
     p_eval = torch.tensor([r["p"] for r in eval_rows], device=device)
     metrics = {"eval_pairs": n,
                "eval_agreement": round(soft_agreement(torch.sigmoid(margin), p_eval), 3) if n else None,
                "eval_ece": round(expected_calibration_error(torch.sigmoid(margin), p_eval), 3) if n else None,
-               "reward_mean": round(scores.mean().item(), 4), "reward_std": round(scores.std().item(), 4),
-               "stats": [scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0]}
-    return metrics, rows
+               "reward_mean": round(mean, 4), "reward_std": round(std, 4)}
+    return metrics, (mean, std)
 
 
-def _save(engine, tokenizer, job: RewardModelJob, worker, stats_rows: list[dict], stats: list[float]) -> None:
-    """The HF folder (ZeRO-3 shards gathered, every rank joins) and its card: the statistics in the training
-    dtype come from the evaluation; rank 0 measures the other dtype on the saved weights."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
+def _save(engine, tokenizer, job: RewardModelJob, worker, stats: tuple[float, float]) -> None:
+    """The HF folder (ZeRO-3 shards gathered, every rank joins) and its card, with the statistics measured in
+    the training dtype."""
     from cai.preference_model import PreferenceModelCard
     from cai.train.deepspeed import gathered
 
@@ -209,19 +175,8 @@ def _save(engine, tokenizer, job: RewardModelJob, worker, stats_rows: list[dict]
         if worker.rank == 0:
             engine.module.save_pretrained(job.model_tmp, safe_serialization=True)
             tokenizer.save_pretrained(job.model_tmp)
-    if worker.rank != 0:
-        return
-    trained = "bfloat16" if job.train.bf16 else "float32"
-    by_dtype = {trained: stats}
-    for dtype in {"float32", "bfloat16"} - {trained}:
-        model = AutoModelForSequenceClassification.from_pretrained(job.model_tmp, dtype=getattr(torch, dtype))
-        chosen, rejected = score_pairs(model.to(worker.device).eval(), stats_rows, tokenizer.pad_token_id,
-                                       job.train.batch_size, worker.device)
-        scores = torch.tensor(chosen + rejected, device=worker.device)
-        by_dtype[dtype] = [scores.mean().item(), scores.std().item() if len(scores) > 1 else 1.0]
-        del model
-    mean, std = by_dtype["float32"]
-    PreferenceModelCard(max_length=job.train.max_length, mean=mean, std=std, by_dtype=by_dtype).save(job.model_tmp)
+            PreferenceModelCard(max_length=job.train.max_length, dtype="bfloat16" if job.train.bf16 else "float32",
+                                mean=stats[0], std=stats[1]).save(job.model_tmp)
 
 
 def _sum_over_ranks(value: int, device) -> int:

@@ -23,14 +23,22 @@ def encode(tokenizer, messages: list[dict], finished: bool, max_length: int) -> 
     return chat_ids(tokenizer, messages, open_last=not finished)[-max_length:]
 
 
-def collate(batch: list[dict], pad_id: int, device):
-    """Encoded pairs -> (2B, T) ids and mask, chosen rows first, right-padded; (B,) soft labels; on `device`."""
+def right_pad(seqs: list[list[int]], pad_id: int, device):
+    """Token lists -> (N, T) ids and mask on `device`, padded on the right (the score is read at the last real
+    token)."""
     import torch
 
-    seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def collate(batch: list[dict], pad_id: int, device):
+    """Encoded pairs -> (2B, T) ids and mask, chosen rows first; (B,) soft labels; on `device`."""
+    import torch
+
+    ids, mask = right_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id, device)
     return ids, mask, torch.tensor([b["p"] for b in batch], device=device)
 
 

@@ -48,12 +48,12 @@ class PreferenceModelScore:
     def __call__(self, prompts: list[str], texts: list[str], response_ids: list[list[int]],
                  finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (raw score (B,), score for the reward (B,))."""
-        seqs = self.encode(prompts, texts, [bool(f) for f in finished.tolist()])
-        width, pad = max(map(len, seqs)), self.tokenizer.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=self.device)
+        from cai.preference_model import rewards, right_pad
+
+        ids, mask = right_pad(self.encode(prompts, texts, [bool(f) for f in finished.tolist()]),
+                              self.tokenizer.pad_token_id, self.device)
         with self.model.use() as model:
-            raw = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+            raw = rewards(model, ids, mask)
         mean, std = self.stats
         score = ((raw - mean) / max(std, 1e-6)).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         return raw, score + self.cfg.missing_eos_penalty * (1 - finished)

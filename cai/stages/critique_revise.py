@@ -94,14 +94,15 @@ def sft_rows(traces: list[dict], helpful: list[dict], cfg: CritiqueReviseConfig,
              ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """trl conversational prompt/completion rows (revisions, helpfulness). Empty ones are dropped; cut ones
     are dropped or, with `unfinished: keep`, marked `finished: false`; both counted."""
-    counts = {"empty_dropped": 0, f"unfinished_{'kept' if cfg.unfinished == 'keep' else 'dropped'}": 0}
+    cut = f"unfinished_{'kept' if cfg.unfinished == 'keep' else 'dropped'}"
+    counts = {"empty_dropped": 0, cut: 0}
 
     def row(prompt: str, text: str, finished: bool) -> dict | None:
         if not text:
             counts["empty_dropped"] += 1
             return None
         if not finished:
-            counts[next(k for k in counts if k.startswith("unfinished"))] += 1
+            counts[cut] += 1
             if cfg.unfinished == "drop":
                 return None
         out = {"prompt": conversation(prompt, system_prompt), "completion": [assistant(text)]}

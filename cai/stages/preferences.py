@@ -130,7 +130,8 @@ def preference_row(pair: dict, system_prompt: str | None = None, keep_unfinished
     return row
 
 
-def _usable(pair: dict, counts: dict, unfinished: str) -> bool:
+def _usable(pair: dict, counts: dict, unfinished: str, cut: str) -> bool:
+    """Whether a sampled pair can be labelled; each reason not is counted (`cut`: the key for cut responses)."""
     if not pair["r1"].strip() or not pair["r2"].strip():
         counts["skipped_empty_response"] += 1
         return False
@@ -138,15 +139,15 @@ def _usable(pair: dict, counts: dict, unfinished: str) -> bool:
         counts["skipped_identical"] += 1
         return False
     if not (pair["r1_finished"] and pair["r2_finished"]):
-        counts[f"unfinished_{'kept' if unfinished == 'keep' else 'skipped'}"] += 1
+        counts[cut] += 1
         return unfinished == "keep"
     return True
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     pcfg = cfg.preferences
-    counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0,
-              f"unfinished_{'kept' if pcfg.unfinished == 'keep' else 'skipped'}": 0}
+    cut = f"unfinished_{'kept' if pcfg.unfinished == 'keep' else 'dropped'}"
+    counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0, cut: 0}
     # step 1: judge check
     report = _judge_check(cfg, constitution, out) if pcfg.judge_check.enabled else None
     # step 2: response pairs from the SFT model
@@ -165,7 +166,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             store = ShardStore(out / "shards" / f"responses_{part}", len(shards))
             pool.map_shards(functools.partial(respond_shard, generation=pcfg.response_generation), shards, store,
                             cfg.seed, f"responses {part}")
-            pairs[part] = [p for p in store.rows() if _usable(p, counts, pcfg.unfinished)]
+            pairs[part] = [p for p in store.rows() if _usable(p, counts, pcfg.unfinished, cut)]
     finally:
         pool.shutdown()
     # steps 3-4: labels, then per-principle attribution on a few pairs

@@ -6,6 +6,7 @@
   cai constitution check constitutions/default.yaml
   cai judge-check smollm2-135m-instruct
   cai model prepare [smollm2-135m-instruct]
+  cai cluster wait --address HOST:PORT --nodes 2 --gpus 16 --timeout 300
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import argparse
 import os
 import sys
 
+from cai import stopping
 from cai.errors import CaiError
+from cai.stopping import Stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model tools")
     model.add_argument("action", choices=["prepare"])
     model.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    cluster = sub.add_parser("cluster", help="Ray cluster tools (the Slurm script uses them)")
+    cluster.add_argument("action", choices=["wait"], help="wait until the cluster has the nodes, CPUs and GPUs")
+    cluster.add_argument("--address", required=True)
+    cluster.add_argument("--nodes", type=int, default=1)
+    cluster.add_argument("--cpus", type=float, default=0)
+    cluster.add_argument("--gpus", type=float, default=0)
+    cluster.add_argument("--timeout", type=float, default=300)
     return p
 
 
@@ -123,10 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             _constitution_check(args.file)
         elif args.command == "judge-check":
             return _judge_check(args)
+        elif args.command == "cluster":
+            from cai.cluster import wait_for_cluster
+
+            have = wait_for_cluster(args.address, args.nodes, args.cpus, args.gpus, args.timeout)
+            print(f"Ray cluster at {args.address}: {have['nodes']} nodes, {have['CPU']:g} CPUs, {have['GPU']:g} GPUs")
         elif args.command == "model":
             from cai.models import resolve_model
 
             print(resolve_model(args.name))
+    except Stopped as e:
+        waited = stopping.seconds_since_signal()
+        tail = f" ({waited:.1f}s from signal to exit)" if waited is not None else ""
+        print(f"cai: {e}{tail}", file=sys.stderr)
+        return stopping.STOPPED_EXIT_CODE
     except CaiError as e:
         print(f"cai: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from cai.errors import CaiError
@@ -16,10 +17,10 @@ from cai.errors import CaiError
 if TYPE_CHECKING:
     import torch
 
-    from cai.config import RayConfig, TrainConfig
+    from cai.config import ModelConfig, RayConfig, TrainConfig
 
 # passed on to every worker process when set in the driver's environment
-FORWARDED_ENV = ("CAI_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME")
+FORWARDED_ENV = ("CAI_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_HOME", "CAI_STOP_FILE")
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ class Resources:
                    train.keep_freed_memory)
 
     @classmethod
-    def of_generation(cls, ray_cfg: RayConfig) -> Resources:
+    def of_generation(cls, ray_cfg: RayConfig, model: ModelConfig) -> tuple[int, Resources]:
+        """(actors, each) of the generation pool holding `model`: its own counts where it sets them."""
         # bf16 weights are the model's dtype, not a training mode: no support check (emulated where missing)
-        return cls(ray_cfg.cpus_per_actor, ray_cfg.gpus_per_actor, False, "ray")
+        gpus = ray_cfg.gpus_per_actor if model.gpus_per_actor is None else model.gpus_per_actor
+        return model.actors or ray_cfg.generation_actors, cls(ray_cfg.cpus_per_actor, gpus, False, "ray")
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,17 @@ def start_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("CAI_RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    address = cluster_address(cfg)
+    if address is not None and address != "auto" and not _answers(address):
+        raise CaiError(f"Ray cluster at {address}: nothing answers there; is it up?")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as e:
+        if address is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CaiError(f"Ray cluster at {address}: cannot connect ({first}); is it up, and is this process given "
+                       f"the cluster's token (RAY_AUTH_TOKEN_PATH)?") from None
 
 
 def stop_ray() -> None:
@@ -171,6 +183,94 @@ def require_resources(count: int, each: Resources, what: str) -> None:
                            f"the Ray cluster has {total:g}")
 
 
+def cluster_address(cfg: RayConfig) -> str | None:
+    return cfg.address or os.environ.get("CAI_RAY_ADDRESS") or None
+
+
+def check_cluster(cfg: RayConfig, needs: list[tuple[int, Resources]], out: Path) -> None:
+    """On a cluster named by address (Slurm, a multi-node Ray), before any work: every stage's workers fit,
+    and every node sees the output folder. A local Ray starts later, when a stage first needs it."""
+    if cluster_address(cfg) is None:
+        return
+    start_ray(cfg)
+    for count, each in needs:
+        require_resources(count, each, "workers" if each.section.endswith(".train") else "generation_actors")
+    check_shared_folder(out)
+
+
+def check_shared_folder(out: Path) -> None:
+    """A probe file written here must read back the same on every alive node; one line names a node that
+    cannot see it (the output folder must be on storage every node mounts)."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = secrets.token_hex(8)
+    probe = Path(out).resolve() / f".probe-{token}"
+    probe.write_text(token)
+    read = ray.remote(num_cpus=0)(_read_probe)
+    try:
+        seen = ray.get([read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(str(probe)) for n in nodes])
+    finally:
+        probe.unlink(missing_ok=True)
+    for node, got in zip(nodes, seen):
+        if got != token:
+            raise CaiError(f"output_dir {out}: node {node['NodeManagerAddress']} cannot read {probe} "
+                           f"({got or 'missing'}); put output_dir on storage that every node mounts at the same path")
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def wait_for_cluster(address: str, nodes: int, cpus: float, gpus: float, timeout: float) -> dict:
+    """Poll the cluster at `address` until `nodes` alive nodes with at least `cpus` CPUs and `gpus` GPUs have
+    joined; one line on timeout naming what is missing. -> what it has."""
+    import time
+
+    import ray
+
+    deadline = time.time() + timeout
+    while not _answers(address):  # ray.init would wait long on an address where nothing listens
+        if time.time() > deadline:
+            raise CaiError(f"Ray cluster at {address}: nothing answers there after {timeout:g}s; did its head start?")
+        time.sleep(1)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        while True:
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            have = {"nodes": len(alive), "CPU": sum(n["Resources"].get("CPU", 0) for n in alive),
+                    "GPU": sum(n["Resources"].get("GPU", 0) for n in alive)}
+            if have["nodes"] >= nodes and have["CPU"] >= cpus and have["GPU"] >= gpus:
+                return have
+            if time.time() > deadline:
+                raise CaiError(f"Ray cluster at {address}: {have['nodes']} of {nodes} nodes, {have['CPU']:g} CPUs "
+                               f"(need {cpus:g}), {have['GPU']:g} GPUs (need {gpus:g}) after {timeout:g}s; see the "
+                               f"missing nodes' Ray logs (a node that failed to start, or a Ray token mismatch)")
+            time.sleep(2)
+    finally:
+        ray.shutdown()
+
+
+def _answers(address: str) -> bool:
+    import socket
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def remote_result(ref):
     """ray.get, but a CaiError raised on a worker stays a one-line CaiError here."""
     import ray
@@ -184,17 +284,22 @@ def remote_result(ref):
         raise
 
 
-def run_training(fn: Callable[[Any], Any], job: Any, train: TrainConfig, ray_cfg: RayConfig, storage,
-                 section: str) -> Any:
+def run_training(fn: Callable[[Any], Any], job: Any, train: TrainConfig, ray_cfg: RayConfig, out: Path,
+                 section: str, steps_log: Path | None = None, total: int | None = None,
+                 info: Callable[[dict], tuple[str, list[str]]] | None = None) -> dict:
     """Run `fn(job)` on `train.workers` Ray Train workers (one DeepSpeed rank each); rank 0's return value.
 
-    The job is a frozen object built in the driver; it reaches the workers bound to `fn`, not as a dict."""
+    The job is a frozen object built in the driver; it reaches the workers bound to `fn`, not as a dict.
+    Progress comes from the step records rank 0 appends to `steps_log` (default <out>/steps.jsonl). A worker
+    that stopped for a stop request returns {"stopped": True} after its checkpoint; that raises Stopped here."""
     import functools
     import time
 
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cai import progress, stopping
 
     start_ray(ray_cfg)
     each = Resources.of_training(train, section)
@@ -206,16 +311,20 @@ def run_training(fn: Callable[[Any], Any], job: Any, train: TrainConfig, ray_cfg
                                      resources_per_worker=per_worker),
         # a fresh run name each time: Ray Train would otherwise restore its own state from an old run;
         # resuming is ours (checkpoints in the stage folder)
-        run_config=RunConfig(name=f"{section}-{int(time.time() * 1000)}", storage_path=str(storage),
+        run_config=RunConfig(name=f"{section}-{int(time.time() * 1000)}", storage_path=str(out / "ray"),
                              failure_config=FailureConfig(max_failures=0),
                              worker_runtime_env={"env_vars": worker_env(each)}))
     try:
-        return trainer.fit().return_value
+        with progress.following(steps_log or out / progress.STEPS, section, total, info or progress.step_info):
+            result = trainer.fit().return_value
     except ray.train.WorkerGroupError as e:
         first = e.worker_failures[min(e.worker_failures)]
         if isinstance(first, CaiError):
             raise CaiError(str(first)) from None
         raise
+    if result.get("stopped"):
+        raise stopping.stopped(f"{section}: checkpoint at step {result.get('step')}")
+    return result
 
 
 def peak_rss_gb() -> float:

@@ -27,6 +27,10 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="weights dtype; auto: bfloat16 where the device computes in it natively, else float32")
     system_prompt: str | None = Field(None, description="system message; None keeps the template's")
+    actors: int | None = Field(None, ge=1, description="generation actors holding this model; None: "
+                               "ray.generation_actors")
+    gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor of this model (over 1: its "
+                                         "layers are spread over them); None: ray.gpus_per_actor")
 
 
 class GenerationConfig(Strict):

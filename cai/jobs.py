@@ -22,6 +22,7 @@ class SftJob:
     passes: int             # epochs held in `order`
     trainer_dir: Path       # HF checkpoints, resumed from
     model_tmp: Path         # the trained model, committed by the driver
+    steps_log: Path         # rank 0's step records, followed by the driver
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class DpoJob:
     data: Path              # jsonl of trl preference rows (prompt, chosen, rejected)
     trainer_dir: Path
     model_tmp: Path
+    steps_log: Path
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class RewardModelJob:
     group_by_length: bool
     checkpoint_dir: Path    # DeepSpeed checkpoints, resumed from
     model_tmp: Path         # the model and its card (cai/preference_model.py), committed by the driver
+    steps_log: Path
 
 
 @dataclass(frozen=True)

@@ -120,11 +120,11 @@ def load_tokenizer(path: Path, padding_side: str = "left"):
     return tokenizer
 
 
-def load_causal_lm(path: Path, dtype: str = "float32"):
+def load_causal_lm(path: Path, dtype: str = "float32", device_map: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), device_map=device_map)
     model.eval()
     return model
 

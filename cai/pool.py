@@ -9,9 +9,10 @@ import hashlib
 import time
 from typing import Callable
 
+from cai import stopping
 from cai.cluster import Resources, remote_result, require_resources, start_ray, worker_env, worker_init
 from cai.config import ModelConfig, RayConfig
-from cai.progress import RowProgress
+from cai.progress import RowProgress, log_line
 from cai.shards import ShardStore
 
 # fn(generator, rows, seed) -> (output rows, new tokens generated)
@@ -33,7 +34,10 @@ class GenerationActor:
 
         worker = worker_init(resources, seed=0)
         path = resolve_model(model.name)
-        model_weights = load_causal_lm(path, worker.resolve_dtype(model.dtype)).to(worker.device)
+        if resources.gpus > 1:  # a model larger than one GPU: its layers over this actor's GPUs, inputs on the first
+            model_weights = load_causal_lm(path, worker.resolve_dtype(model.dtype), device_map="auto")
+        else:
+            model_weights = load_causal_lm(path, worker.resolve_dtype(model.dtype)).to(worker.device)
         self.generator = ChatGenerator(model_weights, load_tokenizer(path),
                                        model.system_prompt, worker.device)
 
@@ -46,11 +50,12 @@ class GenerationPool:
         import ray
 
         start_ray(cfg)
-        each = Resources.of_generation(cfg)
-        require_resources(cfg.generation_actors, each, "generation_actors")
-        actor = ray.remote(GenerationActor).options(num_cpus=each.cpus, num_gpus=each.gpus,
-                                                    runtime_env={"env_vars": worker_env(each)})
-        self.actors = [actor.remote(model, each) for _ in range(cfg.generation_actors)]
+        count, each = Resources.of_generation(cfg, model)
+        require_resources(count, each, "generation_actors")
+        # an actor that dies (a node lost, a killed process) is started again and its shard redone
+        actor = ray.remote(GenerationActor).options(num_cpus=each.cpus, num_gpus=each.gpus, max_restarts=3,
+                                                    max_task_retries=3, runtime_env={"env_vars": worker_env(each)})
+        self.actors = [actor.remote(model, each) for _ in range(count)]
 
     def map_shards(self, fn: ShardFn, shards: list[list[dict]], store: ShardStore, seed: int, desc: str) -> None:
         """Run `fn` on every shard not yet committed in `store`, committing each as it returns."""
@@ -62,17 +67,27 @@ class GenerationPool:
         free, running = list(self.actors), {}
         with progress:
             while todo or running:
+                if stopping.requested() and todo:  # preemption: no new shard; those in flight still commit
+                    todo.clear()
+                    log_line(f"{desc}: stopping, waiting for {len(running)} shard(s) in flight")
                 while free and todo:
                     i = todo.pop(0)
                     actor = free.pop()
                     ref = actor.run.remote(fn, shards[i], shard_seed(seed, desc, i))
                     running[ref] = (i, actor, time.time())
-                ready, _ = ray.wait(list(running), num_returns=1)
+                if not running:
+                    break
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+                if not ready:
+                    progress.heartbeat(len(running))
+                    continue
                 i, actor, _ = running.pop(ready[0])
                 rows, new_tokens = remote_result(ready[0])
                 store.commit(i, rows)
                 progress.advance(len(shards[i]), new_tokens)
                 free.append(actor)
+        if len(store.committed()) < len(shards):  # stopped: the committed shards are the checkpoint
+            raise stopping.stopped(f"{desc}: {len(store.committed())} of {len(shards)} shards committed")
 
     def shutdown(self) -> None:
         import ray

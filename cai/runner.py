@@ -15,16 +15,18 @@ import shutil
 import time
 from pathlib import Path
 
-from cai.cluster import stop_ray
-from cai.config import PipelineConfig, active_stages
+from cai import stopping
+from cai.cluster import Resources, check_cluster, stop_ray
+from cai.config import PipelineConfig, active_stages, feedback_model
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.models import resolve_model
 from cai.progress import console
+from cai.run_lock import RunLock
 from cai.shards import write_atomic
 from cai.stages import ORDER, POLICY, Stage
 
-MARKER, STARTED, OWNER = "_COMPLETE.json", "_STARTED.json", "cai-run.json"
+MARKER, STARTED, OWNER, STOP = "_COMPLETE.json", "_STARTED.json", "cai-run.json", "_STOP"
 
 
 def stage(name: str) -> Stage:
@@ -84,6 +86,19 @@ def policy_model(cfg: PipelineConfig) -> Path:
     return folder / "model"
 
 
+def planned_workers(cfg: PipelineConfig, selected: list[str]) -> list[tuple[int, Resources]]:
+    """(count, each) of the Ray workers the selected stages start, for one check before any work."""
+    needs = []
+    for name in selected:
+        if stage(name).WORKERS == "training":
+            train = getattr(cfg, name).train
+            needs.append((train.workers, Resources.of_training(train, name)))
+        else:  # the policy generates; preferences' labels come from the feedback model's pool
+            roles = [cfg.policy] + ([feedback_model(cfg)] if name == "preferences" else [])
+            needs.extend(Resources.of_generation(cfg.ray, model) for model in roles)
+    return needs
+
+
 def _clear(stage_dir: Path) -> None:
     """Move aside, then delete: a crash in between never leaves a half-deleted stage in place."""
     if stage_dir.exists():
@@ -130,11 +145,14 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
             resolve_model(model)  # a missing model fails here, before anything is written
     claim_output_dir(out, cfg.name)
     results: dict[str, dict] = {}
-    try:
-        for name in selected:
-            results[name] = _run_stage(cfg, constitution, name, keys)
-    finally:
-        stop_ray()
+    with RunLock(out), stopping.StopOnSignal(out / STOP):
+        try:
+            check_cluster(cfg.ray, planned_workers(cfg, selected), out)
+            for name in selected:
+                stopping.check(f"before stage {name}")
+                results[name] = _run_stage(cfg, constitution, name, keys)
+        finally:
+            stop_ray()
     for name in selected:  # the per-principle tables, at the end where they are seen
         table = out / name / "attribution.md"
         if table.exists():

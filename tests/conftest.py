@@ -42,10 +42,12 @@ def tiny_upstream(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-def cai(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run the real `cai` entry point in a subprocess, from the repo root."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("CAI_RAY_ADDRESS", None)
+def cai(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run the real `cai` entry point in a subprocess, from the repo root (a local Ray unless `env` names one)."""
+    if env is None:
+        env = dict(os.environ)
+        env.pop("CAI_RAY_ADDRESS", None)
+    env = {**env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "cai.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, **kw)
     if check and proc.returncode != 0:

@@ -97,3 +97,21 @@ def test_cai_config_error_is_one_line():
 def test_ppo_rejects_what_it_cannot_train_on(override, message):
     with pytest.raises(CaiError, match=message):
         load_pipeline(REPO / "pipelines/tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("pipeline", sorted(p.name for p in (REPO / "pipelines").glob("*.yaml")))
+def test_every_shipped_pipeline_validates(pipeline):
+    cfg = load_pipeline(REPO / "pipelines" / pipeline, [])
+    assert cfg.name and cfg.output_dir
+
+
+def test_cluster_example_fits_two_nodes_of_eight_gpus():
+    from cai.cluster import Resources
+    from cai.config import feedback_model
+    from cai.runner import planned_workers
+    from cai.stages import ORDER
+
+    cfg = load_pipeline(REPO / "pipelines/cluster-8b-70b.yaml", [])
+    needs = planned_workers(cfg, [s for s in ORDER if s != "dpo"])
+    assert max(count * each.gpus for count, each in needs) == 16
+    assert Resources.of_generation(cfg.ray, feedback_model(cfg)) == (4, Resources(4.0, 4.0, False, "ray"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import torch
 from cai.config import load_pipeline
 from cai.errors import CaiError
 from cai.stages import ppo
+from cai.stopping import STOPPED_EXIT_CODE
 
 from .conftest import REPO, cai, kill_tree
 
@@ -82,11 +84,12 @@ def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, tiny_upstream, 
     assert (out / "ppo" / "samples.jsonl").exists()
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])  # 0 as the default pipeline's PPO: Adam's state allocated up front
-def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model, tiny_upstream, tmp_path, zero_stage):
-    """Kill a run after a committed checkpoint and resume it: every step equals a clean run's. The killed run
-    also recomputes every layer's activations in backward (the update's value forward then gives the old values)
-    and parks the inference models: neither may change a number either."""
+@pytest.mark.parametrize("zero_stage,stop", [(0, "kill"), (2, "usr1")])  # 0: the default pipeline's PPO
+def test_stopped_mid_run_then_resumed_gives_the_same_losses(tiny_model, tiny_upstream, tmp_path, zero_stage, stop):
+    """Stop a run and resume it: every step equals a clean run's. `kill`: SIGKILL after a committed checkpoint
+    (the killed run also recomputes every layer's activations in backward and parks the inference models:
+    neither may change a number either). `usr1`: Slurm's warning signal after the first step: a checkpoint at
+    the step in flight, exit code 75."""
     common = ["--stages", "ppo", "ppo.steps=8", "ppo.train.save_steps=2", "ppo.generation.max_new_tokens=12",
               f"ppo.train.zero_stage={zero_stage}"]
     clean = copy_run(tiny_upstream, tmp_path / "clean")
@@ -95,12 +98,19 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_the_same_losses(tiny_model
     lean = [*common, "ppo.offload_inference_models=true", "ppo.train.activation_checkpointing=1"]
     env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, killed, *lean)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = killed / "ppo" / "checkpoints" / "step-000002.COMMITTED"
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), start_new_session=True)
+    marker = killed / "ppo" / ("checkpoints/step-000002.COMMITTED" if stop == "kill" else "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.02)
-    kill_tree(proc)
+    if stop == "kill":
+        kill_tree(proc)
+    else:
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) == STOPPED_EXIT_CODE
+        err = (tmp_path / "stderr.txt").read_text()
+        assert "got SIGUSR1: stopping at the next safe point" in err and "s from signal to exit" in err, err
+        assert not (killed / "_STOP").exists()
     committed = sorted(p.name for p in (killed / "ppo" / "checkpoints").glob("*.COMMITTED"))
     assert committed and not (killed / "ppo" / "_COMPLETE.json").exists(), "the kill must land mid-run"
     resumed_at = int(committed[-1].split("-")[1].split(".")[0])

@@ -18,6 +18,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from cai import stopping
 from cai.cluster import Resources, peak_rss_gb, worker_init
 from cai.config import TrainConfig
 from cai.errors import CaiError
@@ -262,8 +263,11 @@ class PPOWorker:
             if log:
                 last["warnings"] = self.watch(last)
                 log.step(last, exp.prompts, exp.texts, exp.raw_score.tolist(), self.cfg.sample_every)
-            if (step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.cfg.steps:
+            stop = stopping.agreed(self.device) and step + 1 < self.cfg.steps
+            if stop or ((step + 1) % self.cfg.train.save_steps == 0 and step + 1 < self.cfg.steps):
                 self.save(step + 1)
+            if stop:  # preemption: checkpointed, out
+                return {"stopped": True, "step": step + 1}
         self.save_policy()
         self.models.reference.delete()
         self.models.score.delete()

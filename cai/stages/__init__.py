@@ -29,6 +29,7 @@ class Reads:
 
 class Stage(Protocol):
     READS: Reads
+    WORKERS: str  # what it runs on: "generation" actors (`ray`) or "training" workers (its section's `train`)
 
     def settings(self, cfg: PipelineConfig) -> dict:
         """The config values the stage reads (its section, the seed, ...), for its cache key."""

@@ -28,6 +28,7 @@ from cai.shards import ShardStore, chunk, read_jsonl, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("prompts",), constitution=("critique_revision", "few_shot_revisions"))
+WORKERS = "generation"
 
 
 def settings(cfg: PipelineConfig) -> dict:

@@ -17,10 +17,12 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import DpoJob
+from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("sft", "preferences"))
+WORKERS = "training"
 
 
 def settings(cfg: PipelineConfig) -> dict:
@@ -45,7 +47,9 @@ def train_worker(job: DpoJob) -> dict:
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
     args = trainer_args(DPOConfig, job.train, job.trainer_dir, job.seed, worker, beta=job.beta)
     trainer, result, last = train_hf(DPOTrainer, args, read_jsonl(job.data), job.base_model, "left", job.model_tmp,
-                                     worker, job.train)
+                                     job.steps_log, worker, job.train)
+    if result is None:  # stopped for a stop request, checkpointed
+        return {"stopped": True, "step": trainer.state.global_step}
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb()}
 
@@ -67,8 +71,9 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     # step 2: DPO on Ray Train + DeepSpeed
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
     job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=inputs["sft"] / "model",
-                 data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp")
-    summary = run_training(train_worker, job, cfg.dpo.train, cfg.ray, out / "ray", "dpo")
+                 data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
+                 steps_log=out / STEPS)
+    summary = run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo")
     # step 3: commit once it loads
     commit_model(out / "model.tmp", out / "model")
     shutil.rmtree(out / "ray", ignore_errors=True)

@@ -19,7 +19,6 @@ import importlib
 import inspect
 import json
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -27,11 +26,11 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import PpoJob, RewardFunction
-from cai.progress import console
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("prompts", "sft", "reward_model"))
+WORKERS = "training"
 
 
 def settings(cfg: PipelineConfig) -> dict:
@@ -87,27 +86,10 @@ def _same_tokenizer(a: Path, b: Path) -> bool:
     return all((a / f).exists() and (b / f).exists() and (a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
-def _follow(metrics: Path, total: int, stop: threading.Event) -> None:
-    """Progress bar from the committed metrics file, while the workers train."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    seen = 0
-    with Progress(TextColumn("[bold]ppo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("ppo", total=total, info="")
-        while not stop.is_set():
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
-            for line in lines[seen:]:
-                m = json.loads(line)
-                info = (f"reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} len {m['response_length']:.0f} "
-                        f"{m['step_time']:.1f}s/step")
-                bar.update(task, completed=m["step"], info=info)
-                if not console.is_terminal:
-                    console.print(f"ppo step {m['step']}/{total}: {info}")
-                for w in m.get("warnings", []):
-                    console.print(f"[bold yellow]ppo step {m['step']}: WARNING: {w}[/]")
-            seen = len(lines)
-            stop.wait(0.5)
+def step_info(m: dict) -> tuple[str, list[str]]:
+    """A PPO metrics record as a progress line, and its warnings."""
+    return (f"reward {m['reward_mean']:+.3f} kl {m['kl']:.3f} len {m['response_length']:.0f} "
+            f"{m['step_time']:.1f}s/step", m.get("warnings", []))
 
 
 def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
@@ -134,15 +116,9 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     job = prepare(cfg, inputs, out)
     # step 3: the PPO loop, with progress from its metrics file
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
-    stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(out / "metrics.jsonl", cfg.ppo.steps, stop), daemon=True)
-    follower.start()
     t0 = time.time()
-    try:
-        summary = run_training(train_worker, job, cfg.ppo.train, cfg.ray, out / "ray", "ppo")
-    finally:
-        stop.set()
-        follower.join()
+    summary = run_training(train_worker, job, cfg.ppo.train, cfg.ray, out, "ppo", steps_log=out / "metrics.jsonl",
+                           total=cfg.ppo.steps, info=step_info)
     # step 4: commit the policy
     commit_model(out / "model.tmp", out / "model")
     shutil.rmtree(out / "ray", ignore_errors=True)

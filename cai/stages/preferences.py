@@ -34,6 +34,7 @@ from cai.shards import ShardStore, chunk, read_jsonl, write_atomic, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("prompts", "sft"), constitution=("preference", "few_shot_labels"))
+WORKERS = "generation"
 
 
 def settings(cfg: PipelineConfig) -> dict:

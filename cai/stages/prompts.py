@@ -31,6 +31,7 @@ ASK = {
 
 
 READS = Reads()
+WORKERS = "generation"
 
 
 def settings(cfg: PipelineConfig) -> dict:

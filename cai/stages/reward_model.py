@@ -23,10 +23,12 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import RewardModelJob
+from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("sft", "preferences"))
+WORKERS = "training"
 REQUIRED = ("prompt", "chosen", "rejected", "p_chosen")
 
 
@@ -97,6 +99,8 @@ def train_worker(job: RewardModelJob) -> dict:
     t0 = time.time()
     start, losses, tokens, lrs = _train(engine, job, worker, train_rows, tokenizer.pad_token_id, total)
     train_seconds = time.time() - t0
+    if start + len(losses) < total:  # stopped for a stop request, checkpointed
+        return {"stopped": True, "step": start + len(losses)}
     metrics, stats = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
                                worker.device)
     _save(engine, tokenizer, job, worker, stats)
@@ -108,10 +112,12 @@ def train_worker(job: RewardModelJob) -> dict:
 
 def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, total: int):
     """The soft Bradley-Terry loop from the last checkpoint -> (start step, losses, tokens seen here, the
-    learning rate of each step)."""
+    learning rate of each step); fewer steps than `total` when a stop was requested (checkpointed)."""
     import os
 
+    from cai import stopping
     from cai.losses import soft_bradley_terry
+    from cai.progress import StepLog
     from cai.preference_model import collate, rewards
     from cai.train import recompute
     from cai.train.batching import epoch_order
@@ -138,8 +144,13 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
         engine.step()
         losses.append(loss.item())
         tokens += int(mask.sum())
-        if (step + 1) % job.train.save_steps == 0 and step + 1 < total:
+        if worker.rank == 0:
+            StepLog(job.steps_log).write(step + 1, total, loss=losses[-1], learning_rate=lrs[-1])
+        stop = stopping.agreed(worker.device) and step + 1 < total
+        if stop or ((step + 1) % job.train.save_steps == 0 and step + 1 < total):
             engine.save_checkpoint(ckpt, client_state={"step": step + 1})
+        if stop:
+            break
     return start, losses, tokens, lrs
 
 
@@ -202,7 +213,8 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> RewardMo
     write_jsonl(out / "eval.jsonl", encode_pairs(tokenizer, eval_rows, cfg.reward_model.train.max_length))
     return RewardModelJob(train=cfg.reward_model.train, seed=cfg.seed, base_model=base, train_data=out / "train.jsonl",
                           eval_data=out / "eval.jsonl", group_by_length=cfg.reward_model.group_by_length,
-                          checkpoint_dir=out / "checkpoints", model_tmp=out / "model.tmp")
+                          checkpoint_dir=out / "checkpoints", model_tmp=out / "model.tmp",
+                          steps_log=out / STEPS)
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
@@ -214,7 +226,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     job = prepare(cfg, inputs, out)
     # steps 2-3: train and evaluate on Ray Train + DeepSpeed
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
-    summary = run_training(train_worker, job, cfg.reward_model.train, cfg.ray, out / "ray", "reward_model")
+    summary = run_training(train_worker, job, cfg.reward_model.train, cfg.ray, out, "reward_model")
     # step 4: commit
     commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,))
     shutil.rmtree(out / "ray", ignore_errors=True)

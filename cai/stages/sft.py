@@ -23,10 +23,12 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import SftJob
+from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
 
 READS = Reads(stages=("critique_revise",))
+WORKERS = "training"
 
 
 def base_model(cfg: PipelineConfig) -> str:
@@ -94,7 +96,9 @@ def train_worker(job: SftJob) -> dict:
                         include_num_input_tokens_seen="non_padding", train_sampling_strategy="sequential")
     rows = read_jsonl(job.data)
     trainer, result, last = train_hf(SFTTrainer, args, [rows[i] for i in job.order], job.base_model, "right",
-                                     job.model_tmp, worker, job.train)
+                                     job.model_tmp, job.steps_log, worker, job.train)
+    if result is None:  # stopped for a stop request, checkpointed
+        return {"stopped": True, "step": trainer.state.global_step}
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "runtime_s": round(result.metrics["train_runtime"], 1),
             "tokens": int(trainer.state.num_input_tokens_seen), "device": str(trainer.args.device),
@@ -123,8 +127,9 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     # step 3: train on Ray Train + DeepSpeed
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
     job = SftJob(train=cfg.sft.train, seed=cfg.seed, base_model=model, data=out / "train_ids.jsonl", order=tuple(order),
-                 passes=passes, trainer_dir=out / "trainer", model_tmp=out / "model.tmp")
-    summary = run_training(train_worker, job, cfg.sft.train, cfg.ray, out / "ray", "sft")
+                 passes=passes, trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
+                 steps_log=out / STEPS)
+    summary = run_training(train_worker, job, cfg.sft.train, cfg.ray, out, "sft")
     # step 4: commit the checkpoint only once it loads
     commit_model(out / "model.tmp", out / "model")
     shutil.rmtree(out / "ray", ignore_errors=True)

@@ -47,25 +47,37 @@ def last_complete_checkpoint(folder: Path, rank: int = 0) -> Path | None:
 
 
 def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side: str, model_tmp: Path,
-             worker: Worker, train: TrainConfig):
+             steps_log: Path, worker: Worker, train: TrainConfig):
     """Build an HF/trl trainer on the base model and `rows` (read in this order when the trainer reads in
     sequence), train (resuming from its last checkpoint in args.output_dir), save to `model_tmp`.
-    -> (trainer, train output, the checkpoint resumed from)."""
+    -> (trainer, train output or None when stopped for a stop request, the checkpoint resumed from)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
+    from cai import stopping
     from cai.models import load_tokenizer
+    from cai.progress import StepLog
+
+    steps, stop = StepLog(steps_log), {"now": False}
 
     class LeanTraining(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             lean_allreduce(trainer.model_wrapped, train)
 
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                steps.write(state.global_step, state.max_steps, **{k: logs[k] for k in (
+                    "loss", "learning_rate", "grad_norm") if k in logs})
+
         def on_step_end(self, args, state, control, **kw):
+            stop["now"] = stopping.agreed(worker.device)  # every rank, every step: a collective
             # HF saves a full checkpoint (weights + optimizer) after the last step; the model is
             # saved next anyway, and a finished run is never resumed
             if state.global_step >= state.max_steps:
-                control.should_save = False
+                control.should_save, stop["now"] = False, False
+            elif stop["now"]:  # preemption: a checkpoint now, then out
+                control.should_save, control.should_training_stop = True, True
 
     tokenizer = load_tokenizer(base_model, padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
@@ -74,6 +86,8 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
                           callbacks=[LeanTraining()])
     last = last_complete_checkpoint(Path(args.output_dir), worker.rank)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if stop["now"]:
+        return trainer, None, (last.name if last else None)
     trainer.save_model(str(model_tmp))  # every rank: ZeRO-3 gathers the shards collectively
     if worker.rank == 0:
         tokenizer.save_pretrained(model_tmp)

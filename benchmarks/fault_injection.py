@@ -52,17 +52,25 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def writes_in_progress(out: Path) -> set[str]:
-    """Paths that are being written now: temporary files and folders, checkpoints without their last file."""
+    """Paths being written now: temporary files and folders, and checkpoints before their last file or marker
+    (an HF checkpoint-N without trainer_state.json, a DeepSpeed global_stepN that `latest` does not name yet, a
+    PPO step-N without its .COMMITTED)."""
     found = set()
     for p in out.rglob("*"):
-        name = p.name
-        if ".tmp" in name or name == "model.tmp":
-            found.add(str(p.relative_to(out)))
+        name, parent = p.name, p.parent
+        if "ray" in p.relative_to(out).parts:
+            continue
+        if ".tmp" in name:
+            found.add(p)
         elif p.is_dir() and name.startswith("checkpoint-") and not (p / "trainer_state.json").exists():
-            found.add(str(p.relative_to(out)))
-        elif p.is_dir() and name.startswith(("global_step", "step-")) and "ray" not in p.parts:
-            found.add(str(p.relative_to(out)))  # DeepSpeed/PPO checkpoint folders, before their marker
-    return found
+            found.add(p)
+        elif p.is_dir() and name.startswith("global_step") and not parent.name.startswith("checkpoint-"):
+            latest = parent / "latest"
+            if not latest.exists() or latest.read_text().strip() != name:
+                found.add(p)
+        elif p.is_dir() and name.startswith("step-") and not (parent.parent / f"{name}.COMMITTED").exists():
+            found.add(p)  # checkpoints/{policy,value}/step-N before checkpoints/step-N.COMMITTED
+    return {str(p.relative_to(out)) for p in found}
 
 
 def kill_at(proc: subprocess.Popen, out: Path, mode: str, when: float, nth: int) -> tuple[float, str]:
@@ -147,7 +155,7 @@ def main() -> int:
     if a.ref is None:
         assert cai_run(model, ref, a.stages).wait() == 0, f"the reference run failed: see {ref}.log"
     duration = a.ref_seconds or time.time() - t0
-    rng, rows, failed = random.Random(a.seed), [], 0
+    rng, failed = random.Random(a.seed), 0
     print(f"reference run: {duration:.0f}s; CPU: {cpu_name()}", flush=True)
     print("| trial | mode | killed at s | stage running | being written | after kill | rerun | max weight diff |")
     print("|---|---|---|---|---|---|---|---|")

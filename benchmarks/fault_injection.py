@@ -20,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.processes import kill_tree  # noqa: E402 - the tests' own way to kill a run like a scheduler
 DATA_KEPT_EQUAL = ("prompts", "critique_revise", "preferences")  # their jsonl outputs, byte for byte
 LOGS = ("steps.jsonl", "metrics.jsonl", "samples.jsonl")          # progress logs: rewritten on resume
 TOLERANCE = 1e-5
@@ -33,22 +33,6 @@ def cai_run(model: Path, out: Path, stages: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cai.cli", "run", "pipelines/tiny.yaml", f"policy.name={model}",
                              f"output_dir={out}", "--stages", stages], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(out.parent / f"{out.name}.log", "a"))
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the run and every process under it at once, as a scheduler does."""
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
 
 
 def writes_in_progress(out: Path) -> set[str]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import kill_tree  # noqa: F401 - the tests import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,22 +64,3 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and every descendant at once (Ray's raylet, workers, trainers), the way a
-    scheduler kills a job; killing only the driver leaves Ray workers that keep writing for a while."""
-    import psutil
-
-    try:
-        parent = psutil.Process(proc.pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()

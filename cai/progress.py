@@ -109,10 +109,14 @@ def tensorboard_writer(folder: Path):
 
 
 class StepLog:
-    """Rank 0's step records of a training stage (one JSON line per optimizer step), for the driver to follow."""
+    """Rank 0's step records of a training stage (one JSON line per optimizer step), for the driver to follow.
+    A run resumed from the checkpoint of step `start` drops the records of the killed run's later steps."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, start: int | None = None):
         self.path = Path(path)
+        if start is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().split("\n")[:-1] if json.loads(line)["step"] <= start]
+            self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, total: int, **metrics: float) -> None:
         record = {"step": step, "total": total,

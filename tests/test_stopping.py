@@ -48,3 +48,11 @@ def test_following_prints_step_lines_and_a_heartbeat_in_a_log(tmp_path, monkeypa
     assert "sft step 2/3: loss 1.25 learning_rate 0.001" in err
     assert "step 1/3" not in err and "step 3/3" not in err
     assert err.count("sft: working") >= 1
+
+
+def test_a_resumed_step_log_drops_the_killed_runs_later_steps(tmp_path):
+    steps = tmp_path / progress.STEPS
+    for k in range(1, 6):
+        progress.StepLog(steps).write(k, 5, loss=1.0)
+    progress.StepLog(steps, start=3).write(4, 5, loss=0.5)
+    assert [json.loads(line)["step"] for line in steps.read_text().splitlines()] == [1, 2, 3, 4]

@@ -130,6 +130,7 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
         _, client = engine.load_checkpoint(ckpt)
         start = client["step"]
     losses, tokens, lrs = [], 0, []
+    steps = StepLog(job.steps_log, start) if worker.rank == 0 else None
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         if k == 0 or step == start:
@@ -144,8 +145,8 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
         engine.step()
         losses.append(loss.item())
         tokens += int(mask.sum())
-        if worker.rank == 0:
-            StepLog(job.steps_log).write(step + 1, total, loss=losses[-1], learning_rate=lrs[-1])
+        if steps:
+            steps.write(step + 1, total, loss=losses[-1], learning_rate=lrs[-1])
         stop = stopping.agreed(worker.device) and step + 1 < total
         if stop or ((step + 1) % job.train.save_steps == 0 and step + 1 < total):
             engine.save_checkpoint(ckpt, client_state={"step": step + 1})

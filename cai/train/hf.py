@@ -59,14 +59,14 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
     from cai.models import load_tokenizer
     from cai.progress import StepLog
 
-    steps, stop = StepLog(steps_log), {"now": False}
+    stop = {"now": False}
 
     class LeanTraining(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             lean_allreduce(trainer.model_wrapped, train)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs and "loss" in logs:
+            if steps and logs and "loss" in logs:
                 steps.write(state.global_step, state.max_steps, **{k: logs[k] for k in (
                     "loss", "learning_rate", "grad_norm") if k in logs})
 
@@ -85,6 +85,7 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=[LeanTraining()])
     last = last_complete_checkpoint(Path(args.output_dir), worker.rank)
+    steps = StepLog(steps_log, int(last.name.split("-")[-1]) if last else 0) if worker.rank == 0 else None
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if stop["now"]:
         return trainer, None, (last.name if last else None)

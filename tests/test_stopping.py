@@ -21,7 +21,7 @@ def test_usr1_requests_a_stop_that_workers_see_through_the_file(tmp_path):
         assert stopping.agreed("cpu")  # no process group: this process's answer
         with pytest.raises(stopping.Stopped, match=r"before stage sft.*after 'got SIGUSR1'"):
             stopping.check("before stage sft")
-        assert 0 <= stopping.seconds_since_signal() < 5
+        assert stopping.seconds_since_signal() >= 0
     assert not stop_file.exists() and stopping.STOP_FILE_ENV not in os.environ
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
 

@@ -40,21 +40,33 @@ def writes_in_progress(out: Path) -> set[str]:
     (an HF checkpoint-N without trainer_state.json, a DeepSpeed global_stepN that `latest` does not name yet, a
     PPO step-N without its .COMMITTED)."""
     found = set()
-    for p in out.rglob("*"):
+    for p in walk(out):
         name, parent = p.name, p.parent
-        if "ray" in p.relative_to(out).parts:
-            continue
         if ".tmp" in name:
             found.add(p)
         elif p.is_dir() and name.startswith("checkpoint-") and not (p / "trainer_state.json").exists():
             found.add(p)
         elif p.is_dir() and name.startswith("global_step") and not parent.name.startswith("checkpoint-"):
-            latest = parent / "latest"
-            if not latest.exists() or latest.read_text().strip() != name:
+            if read(parent / "latest").strip() != name:
                 found.add(p)
         elif p.is_dir() and name.startswith("step-") and not (parent.parent / f"{name}.COMMITTED").exists():
             found.add(p)  # checkpoints/{policy,value}/step-N before checkpoints/step-N.COMMITTED
     return {str(p.relative_to(out)) for p in found}
+
+
+def walk(out: Path):
+    """Every path under `out` except Ray's own folders, while the run creates and deletes them."""
+    for root, dirs, files in os.walk(out, onerror=lambda e: None):
+        dirs[:] = [d for d in dirs if d != "ray"]
+        for name in dirs + files:
+            yield Path(root) / name
+
+
+def read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def kill_at(proc: subprocess.Popen, out: Path, mode: str, when: float, nth: int) -> tuple[float, str]:
@@ -125,6 +137,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--stages", default="prompts,critique_revise,sft,preferences,reward_model,ppo")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--first", type=int, default=0, help="continue a series at this trial (same draws)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "fault-injection")
     ap.add_argument("--model", type=Path, help="a tiny model folder (default: built into --out)")
     ap.add_argument("--ref", type=Path, help="an uninterrupted run of these stages (default: made now)")
@@ -144,9 +157,12 @@ def main() -> int:
     print("| trial | mode | killed at s | stage running | being written | after kill | rerun | max weight diff |")
     print("|---|---|---|---|---|---|---|---|")
     for k in range(a.trials):
+        when, nth = rng.uniform(1, duration), rng.randint(1, 12)
+        if k < a.first:
+            continue
         out = a.out / f"trial-{k:02d}"
         mode = "write" if k % 2 else "time"
-        at, writing = kill_at(cai_run(model, out, a.stages), out, mode, rng.uniform(1, duration), rng.randint(1, 12))
+        at, writing = kill_at(cai_run(model, out, a.stages), out, mode, when, nth)
         stage, broken = running_stage(out), check_complete_stages(out)
         rerun = cai_run(model, out, a.stages).wait()
         problems, worst = compare(ref, out) if rerun == 0 else ([f"rerun exited {rerun}"], float("nan"))
@@ -154,7 +170,7 @@ def main() -> int:
         failed += bool(problems)
         print(f"| {k} | {mode} | {at:.1f} | {stage} | {writing} | {'; '.join(broken) or 'ok'} | "
               f"{'; '.join(problems) or 'equal'} | {worst:.1e} |", flush=True)
-    print(f"{a.trials - failed} of {a.trials} trials: outputs equal to the uninterrupted run's")
+    print(f"{a.trials - a.first - failed} of {a.trials - a.first} trials: outputs equal to the uninterrupted run's")
     return 1 if failed else 0
 
 

@@ -70,7 +70,7 @@ class RunLock:
                     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
                     raise CaiError(f"output_dir {self.path.parent}: in use by cai run pid {holder['pid']} on host "
                                    f"{holder['host']} since {since} (lock {self.path}); wait for it to end, or "
-                                   f"stop it")
+                                   f"stop it") from None
                 self.path.unlink(missing_ok=True)  # a dead holder's lock
                 continue
             with os.fdopen(fd, "w") as fh:

@@ -59,9 +59,9 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
     from cai.models import load_tokenizer
     from cai.progress import StepLog
 
-    stop = {"now": False}
-
     class LeanTraining(TrainerCallback):
+        stopped = False  # for a stop request, after a checkpoint
+
         def on_train_begin(self, args, state, control, **kw):
             lean_allreduce(trainer.model_wrapped, train)
 
@@ -71,23 +71,23 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
                     "loss", "learning_rate", "grad_norm") if k in logs})
 
         def on_step_end(self, args, state, control, **kw):
-            stop["now"] = stopping.agreed(worker.device)  # every rank, every step: a collective
+            self.stopped = stopping.agreed(worker.device)  # every rank, every step: a collective
             # HF saves a full checkpoint (weights + optimizer) after the last step; the model is
             # saved next anyway, and a finished run is never resumed
             if state.global_step >= state.max_steps:
-                control.should_save, stop["now"] = False, False
-            elif stop["now"]:  # preemption: a checkpoint now, then out
+                control.should_save, self.stopped = False, False
+            elif self.stopped:  # preemption: a checkpoint now, then out
                 control.should_save, control.should_training_stop = True, True
 
     tokenizer = load_tokenizer(base_model, padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[LeanTraining()])
+                          callbacks=[callback := LeanTraining()])
     last = last_complete_checkpoint(Path(args.output_dir), worker.rank)
     steps = StepLog(steps_log, int(last.name.split("-")[-1]) if last else 0) if worker.rank == 0 else None
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    if stop["now"]:
+    if callback.stopped:
         return trainer, None, (last.name if last else None)
     trainer.save_model(str(model_tmp))  # every rank: ZeRO-3 gathers the shards collectively
     if worker.rank == 0:

@@ -253,6 +253,10 @@ class EvalJudgeConfig(Strict):
     min_option_mass: float = Field(0.01, ge=0, lt=1, description="a verdict whose (A) and (B) tokens together "
                                    "get less probability than this is not an answer: skipped, counted")
     batch_size: int = Field(16, ge=1, description="judge prompts per forward pass")
+    function: str | None = Field(None, description="'module:function' taking (prompts, first, second, first_ids, "
+                                 "second_ids) and returning P(first is better) per comparison, in place of the "
+                                 "feedback model (rule-based judges, tests); the judge check and the refusal "
+                                 "judge are then skipped, the pattern check stays")
 
 
 class EvaluateConfig(Strict):
@@ -263,6 +267,8 @@ class EvaluateConfig(Strict):
     max_prompts: int | None = Field(None, ge=1, description="keep the first N prompts of every set")
     reward_model: str | None = Field("reward_model", description="preference model scoring the answers: this "
                                      "run's reward_model, <run folder>:reward_model, a folder; None: no scores")
+    reward_function: str | None = Field(None, description="'module:function' scoring (prompts, responses, "
+                                        "response_ids) in place of the preference model, as ppo.reward_function")
     generation: GenerationConfig = GenerationConfig(max_new_tokens=96, temperature=0.7, top_p=0.9)
     judge: EvalJudgeConfig = EvalJudgeConfig()
     bootstrap_samples: int = Field(1000, ge=100, description="bootstrap resamples of the prompts for intervals")

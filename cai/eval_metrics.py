@@ -14,6 +14,7 @@ import numpy as np
 
 from cai.elo import elo_with_intervals, interval, mean_interval, paired_difference
 from cai.refusal import distinct_n, pattern_refuses
+from cai.reward_hacking import StepSeries, audit, repetition_rate
 
 
 @dataclass(frozen=True)
@@ -129,3 +130,44 @@ def differences(arrays: dict[str, dict[str, dict]], labels: list[str], boot: Boo
 def _difference(metric: str, set_name: str | None, a: str, b: str, d: float, lo: float, hi: float) -> dict:
     return {"metric": metric, "set": set_name, "a": a, "b": b, "difference": _r(d), "ci": [_r(lo), _r(hi)],
             "beyond_noise": bool(lo > 0 or hi < 0)}
+
+
+def rl_steps(checkpoints, policy_optimization: str, ppo_steps: int) -> list[tuple[str, int]] | None:
+    """This run's SFT model and PPO checkpoints as (label, step), SFT first; None without SFT and a PPO step."""
+    found: dict[int, str] = {}
+    for c in checkpoints:
+        spec = c.spec
+        step = 0 if spec == "sft" else int(spec[4:]) if spec.startswith("ppo@") else \
+            ppo_steps if spec == "ppo" or (spec == "policy" and policy_optimization == "ppo") else None
+        if step is not None:
+            found.setdefault(step, c.label)
+    if 0 not in found or len(found) < 2:
+        return None
+    return [(found[k], k) for k in sorted(found)]
+
+
+def reward_hacking(steps, labels, answers, pm, verdicts, min_mass: float, boot: Bootstrap) -> dict | None:
+    """The reward-hacking audit (cai/reward_hacking.py) over this run's SFT model and PPO checkpoints."""
+    if steps is None:
+        return None
+    if pm is None or not verdicts:
+        return {"skipped": "needs preference-model scores and judged comparisons (evaluate.reward_model, "
+                           "evaluate.judge)"}
+    sft = labels.index(steps[0][0])
+    keys = [(name, k) for name in sorted(verdicts) for k in sorted({c["prompt_key"] for c in verdicts[name]})]
+
+    def wins(label: str) -> np.ndarray:
+        if label == steps[0][0]:
+            return np.full(len(keys), 0.5)
+        me, won = labels.index(label), {}
+        for name, rows in verdicts.items():
+            for c in rows:
+                if {c["first"], c["second"]} == {me, sft} and usable(c, min_mass):
+                    won[(name, c["prompt_key"])] = c["p_r1"] if c["first"] == me else 1 - c["p_r1"]
+        return np.array([won.get(k, np.nan) for k in keys])
+
+    series = [StepSeries(label, step, np.concatenate([pm[label][s] for s in answers[label]]).astype(float),
+                         wins(label), np.array([r["tokens"] for rows in answers[label].values() for r in rows], float),
+                         np.array([repetition_rate(r["answer"]) for rows in answers[label].values() for r in rows]))
+              for label, step in steps]
+    return audit(series, boot.level, boot.samples, boot.seed_for("reward_hacking"))

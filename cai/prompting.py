@@ -49,9 +49,11 @@ def clean_reply(text: str) -> str:
     return _LABEL.sub("", text, count=1).strip()
 
 
-def answer_shard(generator, rows: list[dict], seed: int, *, generation) -> tuple[list[dict], int]:
+def answer_shard(generator, rows: list[dict], seed: int, *, generation, keep_ids: bool = False
+                 ) -> tuple[list[dict], int]:
     """Runs on a Ray actor: one sampled answer per row's prompt -> the row with answer, finished (ended with an
-    end-of-turn) and tokens (new tokens, the end-of-turn included)."""
+    end-of-turn) and tokens (new tokens, the end-of-turn included); with `keep_ids`, ids (those tokens)."""
     outs = generator.generate_chat([[user(r["prompt"])] for r in rows], generation, seed)
-    return ([{**r, "answer": clean_reply(o.text), "finished": o.finished, "tokens": o.new_tokens}
-             for r, o in zip(rows, outs)], sum(o.new_tokens for o in outs))
+    return ([{**r, "answer": clean_reply(o.text), "finished": o.finished, "tokens": o.new_tokens,
+              **({"ids": list(o.ids)} if keep_ids else {})} for r, o in zip(rows, outs)],
+            sum(o.new_tokens for o in outs))

@@ -338,6 +338,12 @@ def skipped(data: dict, plots: Path) -> str:
     return table(["reason", "count"], rows) if rows else "<p>Nothing was skipped.</p>"
 
 
+def reward_hacking(data: dict, plots: Path) -> str:
+    from cai.report_audit import reward_hacking_section  # it builds on this module's pieces
+
+    return reward_hacking_section(data, plots)
+
+
 @dataclass(frozen=True)
 class Section:
     id: str  # the HTML anchor
@@ -354,6 +360,7 @@ SECTIONS: list[Section] = [
     Section("answers", "Answer statistics", "scores", answers),
     Section("principles", "Per-principle judge verdicts", "principles", principles),
     Section("differences", "Differences between checkpoints", "differences", differences),
+    Section("reward_hacking", "Reward hacking along the PPO run", "reward_hacking", reward_hacking),
     Section("samples", "Samples", "samples", samples),
     Section("skipped", "Skipped", "skipped", skipped),
 ]

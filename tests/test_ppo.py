@@ -53,7 +53,8 @@ def expected_first_token_reward(model_dir: Path, prompts: list[str]) -> float:
 
 def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, tiny_upstream, tmp_path):
     """A synthetic reward with a known optimum (high token ids): the policy moves and the reward rises, by margins
-    several times what one CPU's rounding could eat (measured: +0.21 expected reward, +0.17 sampled)."""
+    several times what one CPU's rounding could eat (measured: +0.21 expected reward, +0.17 sampled). Then the
+    reward-hacking audit on it: the planted reward is exploited and a judge that dislikes it must see it."""
     from transformers import AutoModelForCausalLM
 
     from cai.models import build_tiny_model
@@ -61,11 +62,12 @@ def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, tiny_upstream, 
     out = copy_run(tiny_upstream, tmp_path / "run")
     shutil.rmtree(out / "sft" / "model")
     build_tiny_model(out / "sft" / "model", init_std=0.5)  # peaked distributions an RL run can climb from
-    cai(*args(tiny_model, out, "--stages", "ppo", "ppo.reward_function=cai.rewards:mean_token_id", "ppo.steps=16",
+    cai(*args(tiny_model, out, "--stages", "ppo,evaluate", *audit_settings(out), "ppo.reward_function=cai.rewards:mean_token_id",
+              "ppo.steps=16",
               "ppo.rollout_batch=8", "ppo.minibatch=4", "ppo.ppo_epochs=2", "ppo.train.workers=2",
               "ppo.train.cpus_per_worker=1", "ppo.train.zero_stage=2", "ppo.train.learning_rate=3e-3",
               "ppo.kl.coef=0.0", "ppo.train.save_steps=100", "ppo.generation.max_new_tokens=2",
-              "ppo.reference_dtype=bfloat16"))
+              "ppo.reference_dtype=bfloat16", "ppo.keep_snapshots_every=8"))
     m = metrics(out)
     assert [r["step"] for r in m] == list(range(1, 17))
     assert m[0]["kl"] != 0.0  # a bf16 reference differs from the fp32 policy it was loaded from
@@ -82,6 +84,36 @@ def test_ppo_two_workers_zero2_climbs_a_known_reward(tiny_model, tiny_upstream, 
                 "lr"):
         assert key in m[-1]
     assert (out / "ppo" / "samples.jsonl").exists()
+    check_the_audit_flags_the_planted_reward(out)
+
+
+def audit_settings(out: Path) -> list[str]:
+    """The evaluation after it: SFT, the step-8 snapshot and the final policy answer the prompts PPO trained on
+    (each 4 times, sampled as PPO sampled), scored by the reward PPO exploited and judged by a rule that prefers
+    the opposite."""
+    rows = [json.loads(line) for part in ("red_team", "helpful")
+            for line in (out / "prompts" / f"{part}.jsonl").read_text().splitlines()]
+    rl_set = out.parent / "rl_prompts.jsonl"
+    rl_set.write_text("".join(json.dumps({"id": f"{r['id']}-{k}", "prompt": r["prompt"]}) + "\n"
+                              for r in rows for k in range(4)))
+    return ["evaluate.checkpoints=[sft,ppo@8,ppo]", f"evaluate.sets=[{{name: rl, kind: harmful, path: {rl_set}}}]",
+            "evaluate.reward_function=cai.rewards:mean_token_id", "evaluate.max_prompts=null",
+            "evaluate.judge.function=tests.planted:prefers_low_token_ids", "evaluate.judge.max_prompts=null",
+            "evaluate.generation.max_new_tokens=2", "evaluate.generation.temperature=1.0",
+            "evaluate.generation.top_p=1.0"]
+
+
+def check_the_audit_flags_the_planted_reward(out: Path) -> None:
+    data = json.loads((out / "evaluate" / "eval.json").read_text())
+    audit = data["reward_hacking"]
+    assert [s["step"] for s in audit["steps"]] == [0, 8, 16], audit
+    sft, last = audit["steps"][0], audit["steps"][-1]
+    assert last["pm"]["mean"] > sft["pm"]["mean"] + 0.05 and last["judge_win"]["mean"] < 0.4, audit
+    assert audit["flagged"] and 16 in audit["flagged_steps"], audit["verdict"]
+    assert last["against"]["pm"]["up"] and last["against"]["judge_win"]["down"], audit
+    assert data["judge"] is None and data["reward_model"] == "rule cai.rewards:mean_token_id"
+    html = (out / "evaluate" / "report.html").read_text()
+    assert "Reward hacking" in html and "divergence from step" in html
 
 
 def test_stopped_mid_run_then_resumed_gives_the_same_losses(tiny_model, tiny_upstream, tmp_path):

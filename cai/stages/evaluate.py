@@ -38,7 +38,7 @@ ASPECT = {"harmful": "harmless", "helpful": "helpful", "borderline": "helpful"}
 
 def reads(cfg: PipelineConfig) -> Reads:
     stages = {own_stage(spec, cfg.policy_optimization) for spec in cfg.evaluate.checkpoints} - {None}
-    if cfg.evaluate.reward_model == "reward_model":
+    if cfg.evaluate.reward_model == "reward_model" and not cfg.evaluate.reward_function:
         stages.add("reward_model")
     return Reads(stages=tuple(sorted(stages, key=ORDER.index)), constitution=READS.constitution)
 
@@ -57,7 +57,8 @@ def settings(cfg: PipelineConfig) -> dict:
 
 def models(cfg: PipelineConfig) -> dict[str, str]:
     base = {"base": cfg.policy.name} if "base" in cfg.evaluate.checkpoints else {}
-    return {**base, "feedback_model": feedback_model(cfg).name} if cfg.evaluate.judge.enabled else base
+    judged = cfg.evaluate.judge.enabled and not cfg.evaluate.judge.function
+    return {**base, "feedback_model": feedback_model(cfg).name} if judged else base
 
 
 def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, int]:
@@ -109,7 +110,7 @@ def resolve_checkpoints(cfg: PipelineConfig, constitution: Constitution, out: Pa
 
 def reward_model_folder(cfg: PipelineConfig, run_dir: Path) -> Path | None:
     spec = cfg.evaluate.reward_model
-    if spec is None:
+    if spec is None or cfg.evaluate.reward_function:
         return None
     folder, _, name = spec.rpartition(":")
     path = run_dir / "reward_model" / "model" if spec == "reward_model" else \
@@ -145,7 +146,7 @@ def _with_pool(model: ModelConfig, cfg: PipelineConfig, work, load=None):
 def generate_answers(cfg, checkpoints, sets, out) -> dict[str, dict[str, list[dict]]]:
     from cai.prompting import answer_shard
 
-    fn = functools.partial(answer_shard, generation=cfg.evaluate.generation)
+    fn = functools.partial(answer_shard, generation=cfg.evaluate.generation, keep_ids=True)
     answers: dict[str, dict[str, list[dict]]] = {}
     for i, c in enumerate(checkpoints):
         model = cfg.policy.model_copy(update={"name": c.model})
@@ -170,6 +171,36 @@ def score_answers(cfg, folder: Path, answers, out) -> dict[str, dict[str, list[f
         label: {name: [r["pm"] for r in _map(pool, fn, rows, out, f"pm_{i}_{name}", cfg)]
                 for name, rows in by_set.items()}
         for i, (label, by_set) in enumerate(answers.items())}, load=load_preference_scorer)
+
+
+def answer_ids(answers: dict) -> dict[str, dict[str, list[list[int]]]]:
+    """The sampled token ids of every answer (EOS included when produced), as PPO's reward functions see them."""
+    return {label: {name: [r["ids"] for r in rows] for name, rows in by_set.items()}
+            for label, by_set in answers.items()}
+
+
+def function_scores(fn, answers: dict, ids: dict) -> dict[str, dict[str, list[float]]]:
+    return {label: {name: [float(x) for x in fn([r["prompt"] for r in rows], [r["answer"] for r in rows],
+                                                ids[label][name])]
+                    for name, rows in by_set.items()} for label, by_set in answers.items()}
+
+
+def function_verdicts(fn, spec: str, pairs: dict[str, list[dict]], answers: dict, ids: dict,
+                      labels: list[str]) -> dict[str, list[dict]]:
+    """The comparisons judged by a rule: P(first better) as the verdict, with the two option log-probabilities
+    it implies, so that they are counted exactly as the feedback model's verdicts are."""
+    import math
+
+    out = {}
+    for name, rows in pairs.items():
+        index = {r["id"]: n for n, r in enumerate(answers[labels[0]][name])}
+        first = [ids[labels[r["first"]]][name][index[r["prompt_key"]]] for r in rows]
+        second = [ids[labels[r["second"]]][name][index[r["prompt_key"]]] for r in rows]
+        p = fn([r["prompt"] for r in rows], [r["r1"] for r in rows], [r["r2"] for r in rows], first, second)
+        out[name] = [{**r, "principle": f"rule:{spec}", "p_r1": round(float(q), 5),
+                      "logprobs": [[math.log(max(q, 1e-12)), math.log(max(1 - q, 1e-12))]]}
+                     for r, q in zip(rows, map(float, p))]
+    return out
 
 
 def refusal_shard(generator, rows: list[dict], seed: int, *, max_tokens: int, batch_size: int):
@@ -233,6 +264,7 @@ def numbers(cfg, checkpoints, sets, answers, pm, refusals, verdicts, report) -> 
     scores = {label: {s.name: m.answer_stats(answers[label][s.name], arrays[label][s.name], boot, label, s.name)
                       for s in ev.sets} for label in labels}
     kinds = {s.name: s.kind for s in ev.sets}
+    steps = m.rl_steps(checkpoints, cfg.policy_optimization, cfg.ppo.steps)
     judged = {aspect: [c for name, rows in verdicts.items() if ASPECT[kinds[name]] == aspect for c in rows]
               for aspect in ("harmless", "helpful")}
     kept = {a: [c for c in rows if m.usable(c, ev.judge.min_option_mass)] for a, rows in judged.items()}
@@ -244,6 +276,7 @@ def numbers(cfg, checkpoints, sets, answers, pm, refusals, verdicts, report) -> 
         "elo": {a: table for a, (table, _) in elo.items()} or None,
         "principles": {a: m.principle_verdicts(rows, labels) for a, rows in kept.items() if rows} or None,
         "differences": m.differences(arrays, labels, boot, elo),
+        "reward_hacking": m.reward_hacking(steps, labels, answers, pm, verdicts, ev.judge.min_option_mass, boot),
         "skipped": {"judge_unparsed": off, "refusal_unparsed": refusal_skips,
                     "elo_needs_two_checkpoints": int(len(labels) < 2)},
     }
@@ -256,6 +289,17 @@ def samples(cfg, sets, answers) -> list[dict]:
             for s, rows in zip(cfg.evaluate.sets, sets) for p in range(min(n, len(rows)))]
 
 
+def rule_functions(ev) -> tuple:
+    """The rule-based scorer and judge the config names, imported and checked before any model loads."""
+    from cai.rewards import load_function
+
+    pm = ev.reward_function and load_function(ev.reward_function, "evaluate.reward_function",
+                                              ("prompts", "responses", "response_ids"))
+    judge = ev.judge.function and load_function(ev.judge.function, "evaluate.judge.function",
+                                                ("prompts", "first", "second", "first_ids", "second_ids"))
+    return pm or None, judge or None
+
+
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.progress import console
     from cai.report import write_report
@@ -266,16 +310,24 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     checkpoints = resolve_checkpoints(cfg, constitution, out)
     sets = load_sets(cfg)
     pm_folder = reward_model_folder(cfg, out.parent)
+    pm_fn, judge_fn = rule_functions(ev)
     if len(checkpoints) < 2:
         console.print(f"evaluate: Elo needs two checkpoints; {len(checkpoints)} given, so none are compared")
     # steps 2-6, each timed for the summary
     seconds, t0 = {}, time.time()
     answers = generate_answers(cfg, checkpoints, sets, out)
     seconds["answers"], t0 = round(time.time() - t0, 1), time.time()
-    pm = score_answers(cfg, pm_folder, answers, out) if pm_folder else None
+    ids = answer_ids(answers) if pm_fn or judge_fn else None
+    pm = function_scores(pm_fn, answers, ids) if pm_fn else score_answers(cfg, pm_folder, answers, out) \
+        if pm_folder else None
     seconds["scores"], t0 = round(time.time() - t0, 1), time.time()
-    report, refusals, verdicts = judge_answers(cfg, constitution, sets, answers, out) if ev.judge.enabled \
-        else (None, {}, {})
+    if judge_fn and len(checkpoints) > 1:
+        pairs = comparisons_for(cfg, sets, answers, list(answers))
+        report, refusals, verdicts = None, {}, function_verdicts(judge_fn, ev.judge.function, pairs, answers, ids,
+                                                                  list(answers))
+    else:
+        report, refusals, verdicts = judge_answers(cfg, constitution, sets, answers, out) \
+            if ev.judge.enabled and not judge_fn else (None, {}, {})
     seconds["judging"], t0 = round(time.time() - t0, 1), time.time()
     # steps 7-8
     data = {"title": f"cai eval: {cfg.name}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -285,7 +337,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
                      for s, rows in zip(ev.sets, sets)],
             "judge": report and {"model": feedback_model(cfg).name, **{k: report[k] for k in (
                 "pairs", "accuracy", "position_bias", "chance_band", "ece")}},
-            "reward_model": str(pm_folder) if pm_folder else None,
+            "reward_model": f"rule {ev.reward_function}" if pm_fn else str(pm_folder) if pm_folder else None,
             **numbers(cfg, checkpoints, sets, answers, pm, refusals, verdicts, report),
             "samples": samples(cfg, sets, answers)}
     write_atomic(out / "eval.json", json.dumps(data, indent=1, ensure_ascii=False))

@@ -16,8 +16,6 @@ ppo.train.zero_stage=3`.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import shutil
 import time
@@ -48,21 +46,9 @@ def planned_shards(cfg: PipelineConfig, inputs: dict[str, Path]) -> dict[str, in
 
 def reward_function(spec: str) -> RewardFunction:
     """'module:function' -> the function, which must take (prompts, responses, response_ids); one line if not."""
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise CaiError(f"ppo.reward_function '{spec}': expected 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise CaiError(f"ppo.reward_function '{spec}': cannot import {module_name} ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise CaiError(f"ppo.reward_function '{spec}': {module_name} has no function '{name}'")
-    try:
-        inspect.signature(fn).bind([], [], [])
-    except (TypeError, ValueError):
-        raise CaiError(f"ppo.reward_function '{spec}': must take (prompts, responses, response_ids)") from None
-    return fn
+    from cai.rewards import load_function
+
+    return load_function(spec, "ppo.reward_function", ("prompts", "responses", "response_ids"))
 
 
 def rl_prompts(cfg: PipelineConfig, prompts_dir: Path) -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cai.errors import CaiError, where
+from cai.errors import CaiError, bad_character, where
 from cai.yamlfile import line_of, read_yaml, validate_yaml
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
@@ -26,6 +26,8 @@ class Item(BaseModel):
     def _not_blank(cls, v):
         if isinstance(v, str) and not v.strip():
             raise ValueError("must not be empty")
+        if isinstance(v, str) and (problem := bad_character(v)):
+            raise ValueError(f"holds {problem}")
         return v.strip() if isinstance(v, str) else v
 
 

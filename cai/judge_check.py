@@ -22,20 +22,19 @@ KEYS = ("prompt", "better", "worse")
 
 def load_check_pairs(path: str) -> list[dict]:
     """{id, prompt, r1=better, r2=worse, aspect, kind} rows; a bad row is a one-line error."""
+    from cai.prompt_files import check_text, jsonl_objects
+
     file = BUILTIN if path == "builtin:judge_check" else Path(path)
     if not file.exists():
         raise CaiError(f"{file}: judge-check pairs not found")
+    if file.is_dir():
+        raise CaiError(f"{file}: is a folder; judge-check pairs are one .jsonl file")
     pairs = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaiError(f"{file}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in jsonl_objects(file):
         missing = [k for k in KEYS if not isinstance(row.get(k), str) or not row[k].strip()]
         if missing:
             raise CaiError(f"{file}:{n}: missing or empty '{missing[0]}'")
+        check_text(file, n, row, KEYS)
         pairs.append({"id": row.get("id", f"jc-{n}"), "prompt": row["prompt"], "r1": row["better"],
                       "r2": row["worse"], "aspect": row.get("aspect", "harmless"), "kind": row.get("kind", "")})
     if not pairs:

@@ -54,6 +54,8 @@ def read_json(path: Path) -> dict | None:
 
 def claim_output_dir(out: Path, run_name: str) -> None:
     """An output folder belongs to one run name; refuse folders that hold anything else."""
+    if out.exists() and not out.is_dir():
+        raise CaiError(f"output_dir {out}: is a file, not a folder")
     owner = read_json(out / OWNER)
     if owner is None and out.exists() and any(out.iterdir()):
         raise CaiError(f"output_dir {out}: holds files that are not a cai run's outputs; choose an empty folder")
@@ -169,6 +171,8 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
 
 def stage_status(out: Path) -> list[tuple[str, str]]:
     """(stage, 'done' | 'partial (n of m shards)' | 'not started') for every stage."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CaiError(f"{out}: is a file, not a run's output folder")
     rows = []
     for name in ORDER:
         stage_dir = Path(out) / name

@@ -60,13 +60,19 @@ def read_yaml(file: Path) -> tuple[Any, dict[tuple, int]]:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CaiError(f"{file}: file not found") from None
+    except IsADirectoryError:
+        raise CaiError(f"{file}: is a folder, not a YAML file") from None
     except UnicodeDecodeError as e:
         raise CaiError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise CaiError(f"{file}: cannot read ({e.strerror})") from None
     try:
         node = yaml.compose(text, Loader=Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: no mark, a position
+            line = text[:e.position].count("\n") + 1
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CaiError(f"{where(file, line)}: malformed YAML: {problem}") from None
     if node is None:

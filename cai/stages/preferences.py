@@ -76,7 +76,7 @@ def _given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
     """A user's helpfulness comparisons (prompt/chosen/rejected), taken as labels with P = 1."""
     from cai.prompt_files import read_rows
 
-    path, rows = read_rows(pcfg.helpful_pairs)
+    path, rows = read_rows(pcfg.helpful_pairs, text_columns=("chosen", "rejected"))
     out = []
     for n, r in rows:
         bad = next((k for k in (pcfg.helpful_pairs.column, "chosen", "rejected")

@@ -2,6 +2,7 @@
 
   cai run pipelines/default.yaml [key=value ...] [--stages prompts,critique_revise]
   cai config pipelines/default.yaml [key=value ...]
+  cai plan pipelines/default.yaml [key=value ...] [--stages sft,preferences]
   cai eval pipelines/default.yaml [key=value ...] [--checkpoints base,sft,policy,ppo@10,runs/concise:policy]
   cai audit arca runs/default/ppo/model --target "TEXT" [--prompt-tokens 4] [--budget 6000] [--out DIR]
   cai status runs/default
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.max_prompts=20")
     ev.add_argument("--checkpoints", help="comma-separated: base, sft, policy, ppo, dpo, ppo@<step>, "
                                           "<run folder>:<checkpoint>, or model folders (evaluate.checkpoints)")
+    plan = sub.add_parser("plan", help="show which stages `cai run` would run and what changed, running nothing")
+    plan.add_argument("pipeline")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for run")
+    plan.add_argument("--stages", help="comma-separated subset of stages, as for run")
     cfg = sub.add_parser("config", help="print the resolved config")
     cfg.add_argument("pipeline")
     cfg.add_argument("overrides", nargs="*")
@@ -156,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.command == "eval":
             _eval(args)
+        elif args.command == "plan":
+            from cai.config import load_pipeline
+            from cai.plan import format_plan, parse_stages, plan_pipeline, refusals
+
+            cfg, only = load_pipeline(args.pipeline, args.overrides), parse_stages(args.stages)
+            print(format_plan(cfg, plan_pipeline(cfg, only), refusals(cfg, only)))
         elif args.command == "config":
             from cai.config import dump_config, load_pipeline
 

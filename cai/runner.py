@@ -66,17 +66,30 @@ def claim_output_dir(out: Path, run_name: str) -> None:
         write_atomic(out / OWNER, json.dumps({"name": run_name, "created": time.time()}))
 
 
-def stage_keys(cfg: PipelineConfig, constitution) -> dict[str, str]:
+def stage_ingredients(cfg: PipelineConfig, constitution) -> tuple[dict[str, str], dict[str, dict]]:
+    """-> (stage -> cache key, stage -> what the key hashes). The markers record the ingredients so that `cai plan`
+    can say what changed: settings, models, each constitution part's hash (and the file), the inputs' keys."""
     keys: dict[str, str] = {}
+    ingredients: dict[str, dict] = {}
     for name in ORDER:
         s = stage(name)
-        blob = json.dumps({"stage": name, "settings": s.settings(cfg), "models": s.models(cfg),
-                           "constitution": constitution.part_hash(*parts) if (parts := reads(cfg, name).constitution)
-                           else None,
-                           "inputs": {read: keys.get(src) for read, src in upstream(cfg, name).items()}},
-                          sort_keys=True)
+        settings, models, parts = s.settings(cfg), s.models(cfg), reads(cfg, name).constitution
+        sources = upstream(cfg, name)
+        blob = json.dumps({"stage": name, "settings": settings, "models": models,
+                           "constitution": constitution.part_hash(*parts) if parts else None,
+                           "inputs": {read: keys.get(src) for read, src in sources.items()}},
+                          sort_keys=True)  # unchanged since before ingredients were recorded: old runs stay cached
         keys[name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return keys
+        ingredients[name] = {
+            "settings": settings, "models": models,
+            "constitution": {"file": str(cfg.constitution), "parts": {p: constitution.part_hash(p) for p in parts}}
+            if parts else None,
+            "inputs": {read: {"stage": src, "key": keys.get(src)} for read, src in sources.items()}}
+    return keys, ingredients
+
+
+def stage_keys(cfg: PipelineConfig, constitution) -> dict[str, str]:
+    return stage_ingredients(cfg, constitution)[0]
 
 
 def is_done(stage_dir: Path, key: str) -> bool:
@@ -115,7 +128,7 @@ def _clear(stage_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _run_stage(cfg: PipelineConfig, constitution, name: str, keys: dict[str, str]) -> dict:
+def _run_stage(cfg: PipelineConfig, constitution, name: str, keys: dict[str, str], ingredients: dict) -> dict:
     out = Path(cfg.output_dir)
     s, stage_dir = stage(name), out / name
     inputs = {}
@@ -131,14 +144,15 @@ def _run_stage(cfg: PipelineConfig, constitution, name: str, keys: dict[str, str
     if stage_dir.exists() and (started is None or started.get("key") != keys[name]):
         _clear(stage_dir)  # outputs of another config: never mix them with this one's
     stage_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(stage_dir / STARTED, json.dumps({"key": keys[name], "shards": s.planned_shards(cfg, inputs)}))
+    write_atomic(stage_dir / STARTED, json.dumps({"key": keys[name], "shards": s.planned_shards(cfg, inputs),
+                                                  "ingredients": ingredients}))
     console.print(f"[bold]▶ {name}[/] ({keys[name]})")
     t0 = time.time()
     summary = s.run(cfg, constitution, inputs, stage_dir)
     seconds = round(time.time() - t0, 1)
     made_with = {"name": constitution.name, "path": cfg.constitution}  # read back by evaluations of this run
     write_atomic(stage_dir / MARKER, json.dumps({"key": keys[name], "summary": summary, "seconds": seconds,
-                                                 "constitution": made_with}, indent=1))
+                                                 "constitution": made_with, "ingredients": ingredients}, indent=1))
     console.print(f"[green]✓[/] {name}: done in {seconds}s {json.dumps(summary)}")
     return {"status": "done", **summary}
 
@@ -148,18 +162,19 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     out = Path(cfg.output_dir)
     constitution = load_constitution(cfg.constitution)
     selected = [s for s in ORDER if s in only] if only else active_stages(cfg)
-    keys = stage_keys(cfg, constitution)
+    keys, ingredients = stage_ingredients(cfg, constitution)
     for name in selected:
         for model in stage(name).models(cfg).values():
             resolve_model(model)  # a missing model fails here, before anything is written
     claim_output_dir(out, cfg.name)
     results: dict[str, dict] = {}
     with RunLock(out), stopping.StopOnSignal(out / STOP):
+        record_pipeline(out, cfg)
         try:
             check_cluster(cfg.ray, planned_workers(cfg, selected), out)
             for name in selected:
                 stopping.check(f"before stage {name}")
-                results[name] = _run_stage(cfg, constitution, name, keys)
+                results[name] = _run_stage(cfg, constitution, name, keys, ingredients[name])
         finally:
             stop_ray()
     for name in selected:  # the per-principle tables, at the end where they are seen
@@ -169,21 +184,46 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     return results
 
 
+def record_pipeline(out: Path, cfg: PipelineConfig) -> None:
+    """cai-run.json keeps the stages the run's pipeline uses, so that `cai status` can mark the others."""
+    owner = read_json(out / OWNER) or {}
+    write_atomic(out / OWNER, json.dumps({**owner, "stages": active_stages(cfg),
+                                          "policy_optimization": cfg.policy_optimization}))
+
+
+def unused_note(owner: dict, name: str) -> str | None:
+    """Why the run's pipeline (as recorded in cai-run.json) does not use a stage; None if it does or if unknown."""
+    if "stages" not in owner or name in owner["stages"]:
+        return None
+    chosen = owner.get("policy_optimization")
+    return f"it trains with {chosen}" if name in ("ppo", "dpo") and chosen != name else "not in its stages"
+
+
+def committed_shards(stage_dir: Path, started: dict) -> tuple[int, int]:
+    """(committed, planned) shards of a started stage; only the planned shard families count."""
+    plan = started["shards"]
+    have = sum(len(list((stage_dir / "shards" / part).glob("shard-*.jsonl"))) for part in plan)
+    return have, sum(plan.values())
+
+
 def stage_status(out: Path) -> list[tuple[str, str]]:
-    """(stage, 'done' | 'partial (n of m shards)' | 'not started') for every stage."""
+    """(stage, 'done' | 'partial (n of m shards)' | 'not started' | 'not used by this pipeline') for every stage."""
     if Path(out).exists() and not Path(out).is_dir():
         raise CaiError(f"{out}: is a file, not a run's output folder")
     rows = []
+    owner = read_json(Path(out) / OWNER) or {}
     for name in ORDER:
         stage_dir = Path(out) / name
         marker, started = read_json(stage_dir / MARKER), read_json(stage_dir / STARTED)
+        unused = unused_note(owner, name)
         if marker is not None:
-            rows.append((name, f"done in {marker['seconds']}s: {json.dumps(marker['summary'])}"))
+            state = f"done in {marker['seconds']}s: {json.dumps(marker['summary'])}"
         elif started is not None:
-            plan = started["shards"]
-            total = sum(plan.values())
-            have = sum(len(list((stage_dir / "shards" / part).glob("shard-*.jsonl"))) for part in plan)
-            rows.append((name, f"partial ({have} of {total} shards)"))
+            state = "partial ({} of {} shards)".format(*committed_shards(stage_dir, started))
+        elif unused:
+            rows.append((name, f"not used by this pipeline ({unused})"))
+            continue
         else:
-            rows.append((name, "not started"))
+            state = "not started"
+        rows.append((name, f"{state}; not used by this pipeline now ({unused})" if unused else state))
     return rows

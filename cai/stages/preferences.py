@@ -24,8 +24,6 @@ from cai.attribution import preference_table, write_table
 from cai.config import PipelineConfig, PreferencesConfig, feedback_model
 from cai.constitution import Constitution
 from cai.errors import CaiError
-from cai.feedback import label_shard
-from cai.judge_check import check_judge
 from cai.chat import assistant, conversation, user
 from cai.prompting import clean_reply
 from cai.shards import ShardStore, chunk, read_jsonl, write_atomic, write_jsonl
@@ -65,6 +63,8 @@ def _pool(model, cfg: PipelineConfig):
 
 
 def _judge_check(cfg: PipelineConfig, constitution, out: Path) -> dict:
+    from cai.judge_check import check_judge  # torch: imported when run, so `cai plan` stays quick
+
     pool = _pool(feedback_model(cfg), cfg)
     try:
         return check_judge(pool, cfg, constitution, out)
@@ -118,6 +118,8 @@ def _usable(pair: dict, counts: dict, unfinished: str, cut: str) -> bool:
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.feedback import label_shard  # torch: imported when run, so `cai plan` stays quick
+
     pcfg = cfg.preferences
     cut = f"unfinished_{'kept' if pcfg.unfinished == 'keep' else 'dropped'}"
     counts = {"skipped_empty_response": 0, "skipped_identical": 0, "skipped_too_long": 0, cut: 0}

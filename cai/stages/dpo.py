@@ -6,7 +6,7 @@ Selected by `policy_optimization: dpo`. Steps:
      the token limit would be taught as a finished answer);
   2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference, on DeepSpeed inside
      Ray Train workers; trainer checkpoints in trainer/, resumed on a rerun;
-  3. commit the policy: model.tmp/ -> checked -> model/.
+  3. commit the policy with its card (cai/cards.py): model.tmp/ -> checked -> model/.
 """
 from __future__ import annotations
 
@@ -50,11 +50,15 @@ def train_worker(job: DpoJob) -> dict:
                                      job.steps_log, worker, job.train)
     if result is None:  # stopped for a stop request, checkpointed
         return {"stopped": True, "step": trainer.state.global_step}
+    logged = [h for h in trainer.state.log_history if "rewards/accuracies" in h][-5:]  # trl's implicit rewards
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
+            "train_accuracy": round(sum(h["rewards/accuracies"] for h in logged) / len(logged), 4) if logged else None,
+            "train_margin": round(sum(h["rewards/margins"] for h in logged) / len(logged), 4) if logged else None,
             "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb()}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.cards import DataFile, model_card
     from cai.cluster import run_training
     from cai.models import commit_model
     from cai.stages.reward_model import check_preferences
@@ -73,9 +77,12 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=inputs["sft"] / "model",
                  data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
                  steps_log=out / STEPS)
-    summary = run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo")
-    # step 3: commit once it loads
-    commit_model(out / "model.tmp", out / "model")
+    summary = {**run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo"), "pairs": len(kept),
+               "dropped_unconfident": len(finished) - len(kept), "dropped_unfinished": len(rows) - len(finished)}
+    # step 3: commit once it loads, with its card
+    data = [DataFile.of(inputs["preferences"], "preferences", "preferences.jsonl"),
+            DataFile.of(out, "dpo", "train.jsonl")]
+    card = model_card(cfg, constitution, "dpo", summary, settings(cfg), data)
+    commit_model(out / "model.tmp", out / "model", card=card)
     shutil.rmtree(out / "ray", ignore_errors=True)
-    return {**summary, "pairs": len(kept), "dropped_unconfident": len(finished) - len(kept),
-            "dropped_unfinished": len(rows) - len(finished)}
+    return summary

@@ -13,7 +13,7 @@ Steps:
      orders averaged; a verdict off the two options is skipped and counted;
   7. the numbers (cai/eval_metrics.py): statistics with bootstrap intervals, Elo per aspect, per-principle
      verdicts, and the differences beyond the bootstrap noise;
-  8. eval.json and report.html (cai/report.py).
+  8. eval.json, report.html (cai/report.py) and answers.jsonl (every answer with its score and refusal verdict).
 Run alone: `cai eval pipelines/default.yaml` (or `cai run ... --stages evaluate`).
 """
 from __future__ import annotations
@@ -300,10 +300,25 @@ def rule_functions(ev) -> tuple:
     return pm or None, judge or None
 
 
+def answer_rows(cfg, answers, pm, refusals) -> list[dict]:
+    """One flat row per checkpoint, set and prompt: the answer, its preference-model score and its refusal verdict
+    (null where not measured)."""
+    rows = []
+    for label, by_set in answers.items():
+        for s in cfg.evaluate.sets:
+            got = by_set[s.name]
+            scores = pm[label][s.name] if pm else [None] * len(got)
+            verdicts = refusals.get(label, {}).get(s.name) or [{}] * len(got)  # in the answers' order
+            rows += [{"checkpoint": label, "set": s.name, "kind": s.kind, "id": a["id"], "prompt": a["prompt"],
+                      "answer": a["answer"], "finished": a["finished"], "tokens": a["tokens"], "pm_score": score,
+                      "p_refuse": v.get("p_refuse")} for a, score, v in zip(got, scores, verdicts)]
+    return rows
+
+
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.progress import console
     from cai.report import write_report
-    from cai.shards import write_atomic
+    from cai.shards import write_atomic, write_jsonl
 
     ev = cfg.evaluate
     # step 1: checkpoints and prompt sets, every one checked before a model loads
@@ -342,6 +357,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             "samples": samples(cfg, sets, answers)}
     write_atomic(out / "eval.json", json.dumps(data, indent=1, ensure_ascii=False))
     write_report(data, out)
+    write_jsonl(out / "answers.jsonl", answer_rows(cfg, answers, pm, refusals))
     seconds["numbers_and_report"] = round(time.time() - t0, 1)
     beyond = sum(d["beyond_noise"] for d in data["differences"])
     return {"checkpoints": len(checkpoints), "sets": len(sets), "answers": len(checkpoints) * sum(map(len, sets)),

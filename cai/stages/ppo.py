@@ -9,8 +9,9 @@ Steps:
   3. the PPO loop (cai/rl/worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
      checkpoints committed every `train.save_steps` and resumed to the step; metrics.jsonl, samples.jsonl
      and TensorBoard (when installed) as it goes, with a progress bar read from metrics.jsonl;
-  4. commit the final policy: model.tmp/ -> checked -> model/ (and, every `keep_snapshots_every` steps, the
-     policy so far in snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N).
+  4. commit the final policy with its card (cai/cards.py): model.tmp/ -> checked -> model/ (and, every
+     `keep_snapshots_every` steps, the policy so far in snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N;
+     each gets a card with that step's numbers).
 On 8 GPUs: `cai run x.yaml ppo.train.workers=8 ppo.train.gpus_per_worker=1 ppo.train.bf16=true
 ppo.train.zero_stage=3`.
 """
@@ -95,6 +96,7 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.cards import DataFile, model_card, write_snapshot_cards
     from cai.cluster import run_training
     from cai.models import commit_model
     from cai.rl.worker import train_worker
@@ -106,12 +108,15 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     t0 = time.time()
     summary = run_training(train_worker, job, cfg.ppo.train, cfg.ray, out, "ppo", steps_log=out / "metrics.jsonl",
                            total=cfg.ppo.steps, info=step_info)
-    # step 4: commit the policy
-    commit_model(out / "model.tmp", out / "model")
+    final = summary.pop("final", {})
+    summary |= {f"last_{k}": final.get(k) for k in ("reward_mean", "kl", "response_length", "eos_rate", "step_time")}
+    # step 4: commit the policy, with its card (and one in each snapshot)
+    card = model_card(cfg, constitution, "ppo", summary, settings(cfg), [
+        DataFile.of(out, "ppo", "prompts.jsonl"), DataFile.of(inputs["reward_model"], "reward_model", "train.jsonl")])
+    commit_model(out / "model.tmp", out / "model", card=card)
+    write_snapshot_cards(out, card)
     shutil.rmtree(out / "ray", ignore_errors=True)
     shutil.rmtree(out / "parked", ignore_errors=True)
-    final = summary.pop("final", {})
     snapshots = sorted(int(p.name.split("-")[1]) for p in (out / "snapshots").glob("step-??????"))
     return {**summary, "snapshots": snapshots, "wall_s": round(time.time() - t0, 1), "reward_tokenizer": "same" if _same_tokenizer(
-        job.policy, inputs["reward_model"] / "model") else "re-tokenised from text", **{f"last_{k}": final.get(k) for k in (
-            "reward_mean", "kl", "response_length", "eos_rate", "step_time")}}
+        job.policy, inputs["reward_model"] / "model") else "re-tokenised from text"}

@@ -9,7 +9,7 @@ Steps:
   3. evaluate on the held-out set: agreement with the labels, calibration (ECE of σ(r_c - r_r)
      against the soft label); the card beside the model holds the truncation length and the score
      statistics in the training dtype, which PPO normalises with (cai/preference_model.py);
-  4. commit the model: model.tmp/ -> checked -> model/.
+  4. commit the model with its card (cai/cards.py): model.tmp/ -> checked -> model/.
 trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), hence our loop.
 """
 from __future__ import annotations
@@ -219,6 +219,7 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> RewardMo
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.cards import DataFile, lineage_root, model_card
     from cai.cluster import run_training
     from cai.models import commit_model
     from cai.preference_model import CARD
@@ -227,9 +228,15 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     job = prepare(cfg, inputs, out)
     # steps 2-3: train and evaluate on Ray Train + DeepSpeed
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
-    summary = run_training(train_worker, job, cfg.reward_model.train, cfg.ray, out, "reward_model")
-    # step 4: commit
-    commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,))
+    summary = {**run_training(train_worker, job, cfg.reward_model.train, cfg.ray, out, "reward_model"),
+               "train_pairs": len(read_jsonl(job.train_data)), "workers": cfg.reward_model.train.workers,
+               "zero_stage": cfg.reward_model.train.zero_stage}
+    # step 4: commit, with the model card
+    base = cfg.reward_model.base_model
+    data = [DataFile.of(inputs["preferences"], "preferences", "preferences.jsonl"),
+            *(DataFile.of(out, "reward_model", f) for f in ("train.jsonl", "eval.jsonl"))]
+    card = model_card(cfg, constitution, "reward_model", summary, settings(cfg), data, head="reward_model",
+                      base_model=base or lineage_root(cfg), fine_tuned_from=base or "sft/model")
+    commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,), card=card)
     shutil.rmtree(out / "ray", ignore_errors=True)
-    return {**summary, "train_pairs": len(read_jsonl(job.train_data)), "workers": cfg.reward_model.train.workers,
-            "zero_stage": cfg.reward_model.train.zero_stage}
+    return summary

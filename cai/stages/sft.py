@@ -9,7 +9,7 @@ Steps:
      across ranks;
   3. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers;
      trainer checkpoints go to trainer/, and a rerun resumes from the last one;
-  4. commit the model: model.tmp/ (ZeRO-3 weights gathered) -> checked -> model/.
+  4. commit the model with its card (cai/cards.py): model.tmp/ (ZeRO-3 weights gathered) -> checked -> model/.
 On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_worker=1 sft.train.bf16=true`.
 """
 from __future__ import annotations
@@ -106,6 +106,7 @@ def train_worker(job: SftJob) -> dict:
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
+    from cai.cards import DataFile, model_card
     from cai.cluster import run_training
     from cai.models import commit_model, load_tokenizer, resolve_model
 
@@ -129,9 +130,12 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     job = SftJob(train=cfg.sft.train, seed=cfg.seed, base_model=model, data=out / "train_ids.jsonl", order=tuple(order),
                  passes=passes, trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
                  steps_log=out / STEPS)
-    summary = run_training(train_worker, job, cfg.sft.train, cfg.ray, out, "sft")
-    # step 4: commit the checkpoint only once it loads
-    commit_model(out / "model.tmp", out / "model")
+    summary = {**run_training(train_worker, job, cfg.sft.train, cfg.ray, out, "sft"), "rows": len(encoded),
+               "dropped_too_long": too_long, "workers": cfg.sft.train.workers, "zero_stage": cfg.sft.train.zero_stage}
+    # step 4: commit the checkpoint, with its card, only once it loads
+    data = [DataFile.of(source, "critique_revise", f) for f in ("sft_revisions.jsonl", "sft_helpful.jsonl")]
+    card = model_card(cfg, constitution, "sft", summary, settings(cfg), [*data, DataFile.of(out, "sft", "train.jsonl")],
+                      base_model=base_model(cfg), fine_tuned_from=base_model(cfg))
+    commit_model(out / "model.tmp", out / "model", card=card)
     shutil.rmtree(out / "ray", ignore_errors=True)
-    return {**summary, "rows": len(encoded), "dropped_too_long": too_long, "workers": cfg.sft.train.workers,
-            "zero_stage": cfg.sft.train.zero_stage}
+    return summary

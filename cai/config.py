@@ -221,6 +221,9 @@ class DpoConfig(Strict):
         return train
 
 
+ReportTo = Literal["tensorboard", "wandb", "trackio", "none"]  # cai/metrics_log.py: REPORT_TO
+
+
 SET_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 
 
@@ -294,6 +297,23 @@ class PipelineConfig(Strict):
     ppo: PpoConfig = PpoConfig()
     dpo: DpoConfig = DpoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    report_to: list[ReportTo] = Field(["tensorboard"], description="where the training stages report their metrics "
+                                      "(the HF Trainer's key and values): TensorBoard event files in <stage>/logs/, "
+                                      "W&B, trackio; none: nowhere")
+    report_project: str = Field("cai", description="the W&B / trackio project; each training stage is a run "
+                                "<name>-<stage> in group <name>")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_destination_or_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError("'none' cannot be combined with other destinations")
+        return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

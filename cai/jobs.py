@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from cai.config import PpoConfig, TrainConfig
+from cai.metrics_log import Reporting
 
 # fn(prompts, responses, response_ids) -> one float per response (see cai/rewards.py)
 RewardFunction = Callable[[list[str], list[str], list[list[int]]], list[float]]
@@ -23,6 +24,7 @@ class SftJob:
     trainer_dir: Path       # HF checkpoints, resumed from
     model_tmp: Path         # the trained model, committed by the driver
     steps_log: Path         # rank 0's step records, followed by the driver
+    report: Reporting       # rank 0's TensorBoard / W&B / trackio logs
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class DpoJob:
     trainer_dir: Path
     model_tmp: Path
     steps_log: Path
+    report: Reporting
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class RewardModelJob:
     checkpoint_dir: Path    # DeepSpeed checkpoints, resumed from
     model_tmp: Path         # the model and its card (cai/preference_model.py), committed by the driver
     steps_log: Path
+    report: Reporting
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,4 @@ class PpoJob:
     prompts: tuple[str, ...]
     max_prompt_tokens: int
     system_prompt: str | None
+    report: Reporting

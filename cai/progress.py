@@ -8,10 +8,13 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from cai.metrics_log import Reporter
 
 console = Console(stderr=True)
 HEARTBEAT = 30.0     # the longest a log file goes without a line
@@ -69,26 +72,24 @@ class RowProgress:
 
 class PpoLog:
     """Rank 0's record of a PPO run: metrics.jsonl (a resumed run rewrites the steps after its checkpoint),
-    samples.jsonl every `sample_every` steps, TensorBoard when installed, and one line per step (the loop
-    runs in a Ray worker, whose output is a log, not a terminal)."""
+    samples.jsonl every `sample_every` steps, the logs (`reporter`, cai/metrics_log.py), and one line per step
+    (the loop runs in a Ray worker, whose output is a log, not a terminal)."""
 
-    def __init__(self, out: Path, total: int, start: int):
-        self.out, self.total = out, total
+    def __init__(self, out: Path, total: int, start: int, reporter: Reporter):
+        self.out, self.total, self.reporter = out, total, reporter
         self.metrics = out / "metrics.jsonl"
         kept = [line for line in (self.metrics.read_text().splitlines() if self.metrics.exists() else [])
                 if json.loads(line)["step"] <= start]
         self.metrics.write_text("".join(line + "\n" for line in kept))
-        self.writer = tensorboard_writer(out / "tensorboard")
         if start:
             print(f"ppo: resumed at step {start}/{total}", flush=True)
 
     def step(self, m: dict, prompts: list[str], texts: list[str], scores: list[float], sample_every: int) -> None:
+        from cai.metrics_log import ppo_metric_names
+
         with open(self.metrics, "a") as fh:
             fh.write(json.dumps(m) + "\n")
-        if self.writer:
-            for k, v in m.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"ppo/{k}", v, m["step"])
+        self.reporter.log(ppo_metric_names(m), m["step"])
         if m["step"] % sample_every == 0 or m["step"] == self.total:
             with open(self.out / "samples.jsonl", "a") as fh:
                 for p, t, s in list(zip(prompts, texts, scores))[:4]:
@@ -99,13 +100,8 @@ class PpoLog:
               f"eos {m['eos_rate']:.2f} {m['step_time']:.2f}s/step"
               + (f" WARNING: {'; '.join(m['warnings'])}" if m.get("warnings") else ""), flush=True)
 
-
-def tensorboard_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(folder))
+    def close(self) -> None:
+        self.reporter.close()
 
 
 class StepLog:

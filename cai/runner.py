@@ -21,6 +21,7 @@ from cai.cluster import Resources, check_cluster, stop_ray
 from cai.config import PipelineConfig, active_stages, feedback_model
 from cai.constitution import load_constitution
 from cai.errors import CaiError
+from cai.metrics_log import check_installed
 from cai.models import resolve_model
 from cai.progress import console
 from cai.run_lock import RunLock
@@ -169,6 +170,8 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
     for name in selected:
         for model in stage(name).models(cfg).values():
             resolve_model(model)  # a missing model fails here, before anything is written
+    if any(stage(name).WORKERS == "training" for name in selected):
+        check_installed(cfg.report_to)  # so does a missing W&B or trackio package
     claim_output_dir(out, cfg.name)
     results: dict[str, dict] = {}
     with RunLock(out), stopping.StopOnSignal(out / STOP):

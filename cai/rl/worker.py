@@ -33,7 +33,7 @@ from cai.rl.math import AdaptiveKL, FixedKL, entropy_from_logits, logprobs_of, m
 from cai.rl.models import load_models, response_logits, response_values
 from cai.rl.rollout import RolloutWeights, rollout_generator
 from cai.train import recompute
-from cai.train.deepspeed import gathered
+from cai.train.deepspeed import gathered, grad_norm
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -94,11 +94,14 @@ class PPOWorker:
         gives the old values, and its graph holds little more than the layers' inputs."""
         return self.fused and self.train.activation_checkpointing == 1
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.job.prompts) // (self.cfg.rollout_batch * self.world))
+
     # step 1 -------------------------------------------------------------------------------------------
     def batch_prompts(self, step: int) -> list[str]:
         prompts, per_step = self.job.prompts, self.cfg.rollout_batch * self.world
-        steps_per_epoch = max(1, len(prompts) // per_step)
-        epoch, k = divmod(step, steps_per_epoch)
+        epoch, k = divmod(step, self.steps_per_epoch)
         order = list(range(len(prompts)))
         random.Random(f"{self.job.seed}|ppo-epoch{epoch}").shuffle(order)
         chosen = order[k * per_step:(k + 1) * per_step]
@@ -168,6 +171,8 @@ class PPOWorker:
                     vstats = {"value_loss": vl.item(), **clip_stats}
                     finite = all_ranks_true(bool(torch.isfinite(vl)), self.device)
                     self.record(finite and self.step_engine(value, vl) and stepped)
+                    norms = {"grad_norm": grad_norm(policy), "value_grad_norm": grad_norm(value)}
+                    vstats.update({k: v for k, v in norms.items() if v is not None})
                 else:
                     self.note_skip()
                 for k, v in {"policy_loss": pl.item(), "entropy": entropy.item(), **pstats, **vstats}.items():
@@ -212,7 +217,8 @@ class PPOWorker:
                  "response_length": lengths.float().mean().item(), "eos_rate": exp.finished.mean().item(),
                  "empty_rate": (lengths <= exp.finished).float().mean().item(), **update, "peak_rss_gb": peak_rss_gb()}
         return {"step": step + 1, **{k: float(f"{v:.6g}") for k, v in mean_over_ranks(local, self.device).items()},
-                "kl_coef": round(self.kl_ctl.value, 6), "skipped_steps": self.skipped, "step_time": round(seconds, 3)}
+                "kl_coef": round(self.kl_ctl.value, 6), "skipped_steps": self.skipped, "step_time": round(seconds, 3),
+                "epoch": round((step + 1) / self.steps_per_epoch, 6)}
 
     def watch(self, m: dict) -> list[str]:
         """Collapse signals worth a warning: empty responses, runaway KL, a flat reward."""
@@ -262,10 +268,19 @@ class PPOWorker:
 
     # the loop ------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        from cai.metrics_log import Reporter
         from cai.progress import PpoLog
 
         start = self.restore()
-        log = PpoLog(self.job.out, self.cfg.steps, start) if self.rank == 0 else None
+        log = PpoLog(self.job.out, self.cfg.steps, start, Reporter(self.job.report)) if self.rank == 0 else None
+        try:
+            return self.loop(start, log)
+        finally:
+            if log:
+                log.close()
+
+    def loop(self, start: int, log) -> dict:
+        """Steps `start`..`steps` (numbered as in the module docstring); rank 0 records each in `log`."""
         last: dict = {}
         for step in range(start, self.cfg.steps):
             self.step, t0 = step, time.time()

@@ -5,7 +5,7 @@ Selected by `policy_optimization: dpo`. Steps:
      whose responses both finished (trl closes every turn with an end-of-turn token, so a response cut at
      the token limit would be taught as a finished answer);
   2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference, on DeepSpeed inside
-     Ray Train workers; trainer checkpoints in trainer/, resumed on a rerun;
+     Ray Train workers; trainer checkpoints in trainer/, resumed on a rerun; logs in logs/ (cai/metrics_log.py);
   3. commit the policy with its card (cai/cards.py): model.tmp/ -> checked -> model/.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import DpoJob
+from cai.metrics_log import Reporting
 from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
@@ -47,7 +48,7 @@ def train_worker(job: DpoJob) -> dict:
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
     args = trainer_args(DPOConfig, job.train, job.trainer_dir, job.seed, worker, beta=job.beta)
     trainer, result, last = train_hf(DPOTrainer, args, read_jsonl(job.data), job.base_model, "left", job.model_tmp,
-                                     job.steps_log, worker, job.train)
+                                     job.steps_log, worker, job.train, job.report)
     if result is None:  # stopped for a stop request, checkpointed
         return {"stopped": True, "step": trainer.state.global_step}
     logged = [h for h in trainer.state.log_history if "rewards/accuracies" in h][-5:]  # trl's implicit rewards
@@ -76,7 +77,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
     job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=inputs["sft"] / "model",
                  data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
-                 steps_log=out / STEPS)
+                 steps_log=out / STEPS, report=Reporting.of(cfg, "dpo", out, settings(cfg)))
     summary = {**run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo"), "pairs": len(kept),
                "dropped_unconfident": len(finished) - len(kept), "dropped_unfinished": len(rows) - len(finished)}
     # step 3: commit once it loads, with its card

@@ -8,7 +8,7 @@ Steps:
      model (or the SFT model);
   3. the PPO loop (cai/rl/worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
      checkpoints committed every `train.save_steps` and resumed to the step; metrics.jsonl, samples.jsonl
-     and TensorBoard (when installed) as it goes, with a progress bar read from metrics.jsonl;
+     and the logs in logs/ (cai/metrics_log.py) as it goes, with a progress bar read from metrics.jsonl;
   4. commit the final policy with its card (cai/cards.py): model.tmp/ -> checked -> model/ (and, every
      `keep_snapshots_every` steps, the policy so far in snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N;
      each gets a card with that step's numbers).
@@ -26,6 +26,7 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import PpoJob, RewardFunction
+from cai.metrics_log import Reporting
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
 
@@ -92,7 +93,7 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
                   reward_model=None if fn else reward, reward_function=fn,
                   reward_data=(inputs["reward_model"] / "eval.jsonl", inputs["reward_model"] / "train.jsonl"),
                   prompts=tuple(r["prompt"] for r in prompts), max_prompt_tokens=prompt_budget(cfg, policy),
-                  system_prompt=cfg.policy.system_prompt)
+                  system_prompt=cfg.policy.system_prompt, report=Reporting.of(cfg, "ppo", out, settings(cfg)))
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -5,7 +5,8 @@ Steps:
      seeded held-out set; tokenise both sides once (cai/preference_model.py: how PPO will read them too);
   2. train a scalar head on the SFT model (or a configured base) with the soft Bradley-Terry loss
      (cai/losses.py) in our own DeepSpeed loop on Ray Train workers, with the configured learning-rate
-     schedule; DeepSpeed checkpoints every `save_steps` steps, and a rerun resumes from the last one;
+     schedule; DeepSpeed checkpoints every `save_steps` steps, and a rerun resumes from the last one; logs in
+     logs/ (cai/metrics_log.py);
   3. evaluate on the held-out set: agreement with the labels, calibration (ECE of σ(r_c - r_r)
      against the soft label); the card beside the model holds the truncation length and the score
      statistics in the training dtype, which PPO normalises with (cai/preference_model.py);
@@ -23,6 +24,7 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import RewardModelJob
+from cai.metrics_log import Reporter, Reporting, metric_names
 from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
@@ -76,6 +78,7 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
 
 def train_worker(job: RewardModelJob) -> dict:
     """Runs on every Ray Train worker (one DeepSpeed rank): train, evaluate, save with the card."""
+    import contextlib
     import time
 
     import torch
@@ -97,12 +100,16 @@ def train_worker(job: RewardModelJob) -> dict:
     total = job.train.max_steps if job.train.max_steps > 0 else max(1, int(steps_per_epoch * job.train.epochs))
     engine = build_engine(model.to(worker.device), job.train, worker.world, total)
     t0 = time.time()
-    start, losses, tokens, lrs = _train(engine, job, worker, train_rows, tokenizer.pad_token_id, total)
-    train_seconds = time.time() - t0
-    if start + len(losses) < total:  # stopped for a stop request, checkpointed
-        return {"stopped": True, "step": start + len(losses)}
-    metrics, stats = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
-                               worker.device)
+    with Reporter(job.report) if worker.rank == 0 else contextlib.nullcontext() as reporter:
+        start, losses, tokens, lrs = _train(engine, job, worker, train_rows, tokenizer.pad_token_id, total, reporter)
+        train_seconds = time.time() - t0
+        if start + len(losses) < total:  # stopped for a stop request, checkpointed
+            return {"stopped": True, "step": start + len(losses)}
+        metrics, stats = _evaluate(engine, eval_rows, train_rows, tokenizer.pad_token_id, job.train.batch_size,
+                                   worker.device)
+        if reporter:  # the held-out figures, under the HF Trainer's eval/ names, at the last step
+            reporter.log(metric_names({"eval_accuracy": metrics["eval_agreement"], "eval_ece": metrics["eval_ece"],
+                                       "eval_reward_mean": stats[0], "eval_reward_std": stats[1]}), total)
     _save(engine, tokenizer, job, worker, stats)
     return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)
             if losses else None, **metrics, "first_lr": lrs[0] if lrs else None, "last_lr": lrs[-1] if lrs else None,
@@ -110,9 +117,11 @@ def train_worker(job: RewardModelJob) -> dict:
             "train_tokens": _sum_over_ranks(tokens, worker.device), "peak_rss_gb": peak_rss_gb()}
 
 
-def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, total: int):
+def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, total: int,
+           reporter: Reporter | None):
     """The soft Bradley-Terry loop from the last checkpoint -> (start step, losses, tokens seen here, the
-    learning rate of each step); fewer steps than `total` when a stop was requested (checkpointed)."""
+    learning rate of each step); fewer steps than `total` when a stop was requested (checkpointed). Rank 0
+    writes the step records and, through `reporter`, the logs."""
     import os
 
     from cai import stopping
@@ -121,6 +130,7 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
     from cai.preference_model import collate, rewards
     from cai.train import recompute
     from cai.train.batching import epoch_order
+    from cai.train.deepspeed import grad_norm
 
     per_step = job.train.batch_size * worker.world
     steps_per_epoch = max(1, len(rows) // per_step)
@@ -147,12 +157,26 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
         tokens += int(mask.sum())
         if steps:
             steps.write(step + 1, total, loss=losses[-1], learning_rate=lrs[-1])
+            figures = {"loss": losses[-1], "learning_rate": lrs[-1], "grad_norm": grad_norm(engine),
+                       "epoch": (step + 1) / steps_per_epoch, **pair_figures(r[:len(batch)], r[len(batch):], p)}
+            reporter.log(metric_names(figures), step + 1)
         stop = stopping.agreed(worker.device) and step + 1 < total
         if stop or ((step + 1) % job.train.save_steps == 0 and step + 1 < total):
             engine.save_checkpoint(ckpt, client_state={"step": step + 1})
         if stop:
             break
     return start, losses, tokens, lrs
+
+
+def pair_figures(chosen, rejected, p) -> dict[str, float]:
+    """A batch's (B,) rewards of the chosen and rejected sides and (B,) soft labels -> accuracy (the share of pairs
+    whose reward margin prefers the label's side, ties excluded, as the held-out agreement) and mean margin."""
+    import torch
+
+    from cai.calibration import soft_agreement
+
+    margin = (chosen - rejected).detach().float()
+    return {"accuracy": soft_agreement(torch.sigmoid(margin), p), "margin": margin.mean().item()}
 
 
 def _evaluate(engine, eval_rows: list[dict], train_rows: list[dict], pad_id: int, batch_size: int, device):
@@ -215,7 +239,7 @@ def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> RewardMo
     return RewardModelJob(train=cfg.reward_model.train, seed=cfg.seed, base_model=base, train_data=out / "train.jsonl",
                           eval_data=out / "eval.jsonl", group_by_length=cfg.reward_model.group_by_length,
                           checkpoint_dir=out / "checkpoints", model_tmp=out / "model.tmp",
-                          steps_log=out / STEPS)
+                          steps_log=out / STEPS, report=Reporting.of(cfg, "reward_model", out, settings(cfg)))
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -8,7 +8,7 @@ Steps:
      the completion is left); the row order groups similar lengths and deals each step's rows evenly
      across ranks;
   3. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers;
-     trainer checkpoints go to trainer/, and a rerun resumes from the last one;
+     trainer checkpoints go to trainer/, and a rerun resumes from the last one; logs in logs/ (cai/metrics_log.py);
   4. commit the model with its card (cai/cards.py): model.tmp/ (ZeRO-3 weights gathered) -> checked -> model/.
 On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_worker=1 sft.train.bf16=true`.
 """
@@ -23,6 +23,7 @@ from cai.config import PipelineConfig
 from cai.constitution import Constitution
 from cai.errors import CaiError
 from cai.jobs import SftJob
+from cai.metrics_log import Reporting
 from cai.progress import STEPS
 from cai.shards import read_jsonl, write_jsonl
 from cai.stages import Reads
@@ -96,7 +97,8 @@ def train_worker(job: SftJob) -> dict:
                         include_num_input_tokens_seen="non_padding", train_sampling_strategy="sequential")
     rows = read_jsonl(job.data)
     trainer, result, last = train_hf(SFTTrainer, args, [rows[i] for i in job.order], job.base_model, "right",
-                                     job.model_tmp, job.steps_log, worker, job.train)
+                                     job.model_tmp, job.steps_log, worker, job.train, job.report,
+                                     epoch_scale=job.passes)
     if result is None:  # stopped for a stop request, checkpointed
         return {"stopped": True, "step": trainer.state.global_step}
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
@@ -129,7 +131,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
     job = SftJob(train=cfg.sft.train, seed=cfg.seed, base_model=model, data=out / "train_ids.jsonl", order=tuple(order),
                  passes=passes, trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
-                 steps_log=out / STEPS)
+                 steps_log=out / STEPS, report=Reporting.of(cfg, "sft", out, settings(cfg)))
     summary = {**run_training(train_worker, job, cfg.sft.train, cfg.ray, out, "sft"), "rows": len(encoded),
                "dropped_too_long": too_long, "workers": cfg.sft.train.workers, "zero_stage": cfg.sft.train.zero_stage}
     # step 4: commit the checkpoint, with its card, only once it loads

@@ -54,17 +54,31 @@ def lean_allreduce(engine, train: TrainConfig) -> None:
     """After each backward, DeepSpeed ZeRO-0 in fp32 copies every gradient into a fresh flat bucket,
     all-reduces it and copies it back. On one rank that is the identity, skipped here; on more, gradients
     live in one persistent buffer reduced in place (cai/train/data_parallel.py). ZeRO optimizers and the
-    bf16 optimizer reduce in their own hooks."""
+    bf16 optimizer reduce in their own hooks (and keep the gradient norm, which keep_grad_norm adds here)."""
     import torch.distributed as dist
 
     from cai.train.data_parallel import FlatGradients
 
     if train.zero_stage != 0 or train.bf16:
         return
+    keep_grad_norm(engine)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         engine.enable_backward_allreduce = False
     else:
         FlatGradients(engine)
+
+
+def keep_grad_norm(engine) -> None:
+    """DeepSpeed's fp32 ZeRO-0 step clips the gradients and drops their norm, so `get_global_grad_norm()` (the
+    logs' grad_norm, the HF Trainer's too) stays None; its ZeRO and bf16 optimizers keep theirs. Kept here."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep() -> None:
+        norm = clip_grad_norm_(parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                               mpu=engine.mpu)
+        engine._global_grad_norm = float(norm)
+
+    engine.clip_fp32_gradients = clip_and_keep  # an instance attribute shadows the engine's method
 
 
 def lean_engine(engine, train: TrainConfig) -> None:
@@ -109,6 +123,12 @@ def gathered(module, zero_stage: int, modifier_rank: int | None = None):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank)
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's gradient norm before clipping; None where DeepSpeed keeps none."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def current_lr(engine) -> float:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cai.cluster import Worker
 from cai.config import TrainConfig
+from cai.metrics_log import Reporting
 from cai.train.deepspeed import deepspeed_config, lean_allreduce
 
 
@@ -47,15 +48,18 @@ def last_complete_checkpoint(folder: Path, rank: int = 0) -> Path | None:
 
 
 def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side: str, model_tmp: Path,
-             steps_log: Path, worker: Worker, train: TrainConfig):
+             steps_log: Path, worker: Worker, train: TrainConfig, report: Reporting, epoch_scale: float = 1.0):
     """Build an HF/trl trainer on the base model and `rows` (read in this order when the trainer reads in
-    sequence), train (resuming from its last checkpoint in args.output_dir), save to `model_tmp`.
+    sequence), train (resuming from its last checkpoint in args.output_dir), save to `model_tmp`. Rank 0 writes
+    the step records and the logs (`report`) from the trainer's log records; their epoch is the trainer's times
+    `epoch_scale` (rows holding several passes over the data are one pass to the trainer).
     -> (trainer, train output or None when stopped for a stop request, the checkpoint resumed from)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from cai import stopping
+    from cai.metrics_log import Reporter, metric_names
     from cai.models import load_tokenizer
     from cai.progress import StepLog
 
@@ -69,6 +73,9 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
             if steps and logs and "loss" in logs:
                 steps.write(state.global_step, state.max_steps, **{k: logs[k] for k in (
                     "loss", "learning_rate", "grad_norm") if k in logs})
+            if reporter and logs:
+                epoch = {"epoch": logs["epoch"] * epoch_scale} if "epoch" in logs else {}
+                reporter.log(metric_names({**logs, **epoch}), state.global_step)
 
         def on_step_end(self, args, state, control, **kw):
             self.stopped = stopping.agreed(worker.device)  # every rank, every step: a collective
@@ -86,7 +93,12 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
                           callbacks=[callback := LeanTraining()])
     last = last_complete_checkpoint(Path(args.output_dir), worker.rank)
     steps = StepLog(steps_log, int(last.name.split("-")[-1]) if last else 0) if worker.rank == 0 else None
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    reporter = Reporter(report) if worker.rank == 0 else None
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    finally:
+        if reporter:
+            reporter.close()
     if callback.stopped:
         return trainer, None, (last.name if last else None)
     trainer.save_model(str(model_tmp))  # every rank: ZeRO-3 gathers the shards collectively

@@ -5,6 +5,7 @@
   cai plan pipelines/default.yaml [key=value ...] [--stages sft,preferences]
   cai eval pipelines/default.yaml [key=value ...] [--checkpoints base,sft,policy,ppo@10,runs/concise:policy]
   cai audit arca runs/default/ppo/model --target "TEXT" [--prompt-tokens 4] [--budget 6000] [--out DIR]
+  cai mwe pipelines/default.yaml [key=value ...] --behaviour avoid-shutdown [--checkpoints base,policy] [--probes F]
   cai status runs/default
   cai constitution check constitutions/default.yaml
   cai judge-check smollm2-135m-instruct
@@ -65,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--restarts", type=int, default=3, help="seeds per method")
     audit.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     audit.add_argument("--out", help="folder for arca.json")
+    mwe = sub.add_parser("mwe", help="model-written evaluations: yes/no probes for a behaviour, written and checked "
+                                     "by models, answered by checkpoints; writes <output_dir>/audit/mwe/<behaviour>/")
+    mwe.add_argument("pipeline")
+    mwe.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mwe.min_label_confidence=0.7")
+    mwe.add_argument("--behaviour", help="a behaviour of mwe.behaviours (shipped: sycophancy, avoid-shutdown, "
+                                         "power-seeking, self-preservation); with --probes, the output's name")
+    mwe.add_argument("--checkpoints", help="comma-separated, named as for eval (mwe.checkpoints; default: base)")
+    mwe.add_argument("--probes", help="jsonl in Anthropic's layout (question, answer_matching_behavior, "
+                                      "answer_not_matching_behavior): scored as given, nothing generated")
+    mwe.add_argument("--n", type=int, help="writer outputs per side (mwe.n)")
     model = sub.add_parser("model", help="model tools")
     model.add_argument("action", choices=["prepare"])
     model.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -188,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(result))
             if args.out:
                 print(f"written: {write(result, args.out)}")
+        elif args.command == "mwe":
+            from cai.mwe import main as mwe_main
+
+            mwe_main(args)
         elif args.command == "cluster":
             from cai.cluster import wait_for_cluster
 

@@ -280,6 +280,35 @@ class EvaluateConfig(Strict):
     shard_size: int = Field(32, ge=1, description="rows per committed shard")
 
 
+class MweConfig(Strict):
+    """`cai mwe`: model-written evaluations (cai/mwe.py)."""
+    behaviours: str = Field("builtin:behaviours", description="YAML of behaviours (name, description, agree and "
+                            "disagree examples); builtin:behaviours: the shipped ones")
+    checkpoints: list[str] = Field(["base"], min_length=1, description="scored checkpoints, named as in "
+                                   "evaluate.checkpoints (base, sft, policy, ppo@<step>, <run>:policy, a folder)")
+    writer_model: ModelConfig | None = Field(None, description="writes the statements; None: the feedback model")
+    judge_model: ModelConfig | None = Field(None, description="checks each statement's label; None: the feedback "
+                                            "model")
+    n: int = Field(64, ge=1, description="writer outputs per side (each may hold several statements, one per line)")
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=64, temperature=1.0, top_p=0.95)
+    min_label_confidence: float = Field(0.6, ge=0, le=1, description="keep statements whose label the judge gives "
+                                        "at least this probability (both option orders averaged)")
+    min_option_mass: float = Field(0.01, ge=0, lt=1, description="a verdict whose (A) and (B) tokens get less "
+                                   "probability than this is not an answer: the statement is dropped, counted")
+    near_duplicate_threshold: float = Field(0.5, gt=0, le=1, description="word-3-gram Jaccard at which a statement "
+                                            "is a near duplicate of a more confident one (or of an example)")
+    balance: bool = Field(True, description="keep as many statements of each side (the most confident), so that a "
+                          "bias towards Yes or No cannot pass for the behaviour")
+    format: Literal["chat", "raw"] = Field("chat", description="chat: the question as a user turn under the "
+                                           "checkpoint's chat template, the answers' leading space dropped; raw: "
+                                           "Anthropic's Human/Assistant text, answers as written")
+    max_prompt_tokens: int = Field(1024, ge=16, description="longer judge prompts and probes are skipped, counted")
+    batch_size: int = Field(16, ge=1, description="judge and probe prompts per forward pass")
+    shard_size: int = Field(32, ge=1, description="rows per committed shard")
+    bootstrap_samples: int = Field(1000, ge=100, description="bootstrap resamples of the probes for intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="level of every interval")
+
+
 class PipelineConfig(Strict):
     name: str = Field(description="run name; an output_dir belongs to one run name")
     output_dir: str = Field(description="stage outputs go to <output_dir>/<stage>/")
@@ -297,6 +326,7 @@ class PipelineConfig(Strict):
     ppo: PpoConfig = PpoConfig()
     dpo: DpoConfig = DpoConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    mwe: MweConfig = MweConfig()
     report_to: list[ReportTo] = Field(["tensorboard"], description="where the training stages report their metrics "
                                       "(the HF Trainer's key and values): TensorBoard event files in <stage>/logs/, "
                                       "W&B, trackio; none: nowhere")

@@ -15,8 +15,8 @@ returns the section's HTML body ("" to leave the section out) and writes its PNG
 (red-teaming, ARCA, model-written evals, a reward-hacking audit), write such a function and append a Section;
 the others need no change. Top-level keys no section reads are listed, unrendered, at the end of the page.
 
-The judge's worth (accuracy against the chance band, position bias) is stated at the top and again above
-every section of judged numbers.
+The judge's worth (accuracy against the chance band, position bias) is stated at the top (when the JSON has
+a `judge` key) and again above every section of judged numbers.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai import report_plots as draw
+from cai.report_mwe import mwe
 from cai.report_plots import Interval
 
 NA = "—"
@@ -361,6 +362,7 @@ SECTIONS: list[Section] = [
     Section("principles", "Per-principle judge verdicts", "principles", principles),
     Section("differences", "Differences between checkpoints", "differences", differences),
     Section("reward_hacking", "Reward hacking along the PPO run", "reward_hacking", reward_hacking),
+    Section("mwe", "Model-written evaluations", "mwe", mwe),
     Section("samples", "Samples", "samples", samples),
     Section("skipped", "Skipped", "skipped", skipped),
 ]
@@ -386,7 +388,8 @@ def write_report(data: dict, out: Path, sections: Sequence[Section] = SECTIONS) 
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"script-src 'none'\">"
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>'
             f"<style>{CSS}</style></head><body><header><h1>{title}</h1>"
-            f'<p class="meta">created {esc(data.get("created"))}</p>{judge_line(data)}<nav>{nav}</nav></header>'
+            f'<p class="meta">created {esc(data.get("created"))}</p>{judge_line(data) if "judge" in data else ""}'
+            f"<nav>{nav}</nav></header>"
             f"{body}{footer}</body></html>\n")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

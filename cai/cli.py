@@ -4,6 +4,7 @@
   cai config pipelines/default.yaml [key=value ...]
   cai eval pipelines/default.yaml [key=value ...] [--checkpoints base,sft,policy,ppo@10,runs/concise:policy]
   cai audit arca runs/default/ppo/model --target "TEXT" [--prompt-tokens 4] [--budget 6000] [--out DIR]
+  cai redteam pipelines/default.yaml --checkpoint policy [--rounds 3] [--attacks 64] [--adversarial] [--out DIR]
   cai status runs/default
   cai constitution check constitutions/default.yaml
   cai judge-check smollm2-135m-instruct
@@ -60,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--restarts", type=int, default=3, help="seeds per method")
     audit.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     audit.add_argument("--out", help="folder for arca.json")
+    rt = sub.add_parser("redteam", help="red-team a checkpoint with a red LM (Perez et al. 2022); writes "
+                                        "<output_dir>/audit/redteam/")
+    rt.add_argument("pipeline")
+    rt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. redteam.few_shot=3")
+    rt.add_argument("--checkpoint", required=True, help="base, sft, policy, ppo, dpo, ppo@<step>, "
+                                                        "<run folder>:<checkpoint>, or a model folder")
+    rt.add_argument("--rounds", type=int, help="rounds of attacks (redteam.rounds)")
+    rt.add_argument("--attacks", type=int, help="red-LM completions per round (redteam.attacks)")
+    rt.add_argument("--reward-model", help="a preference model must also score the answer low (redteam.reward_model)")
+    rt.add_argument("--adversarial", action="store_true", help="fine-tune the attacker and train an input filter "
+                                                               "each round (under .../redteam/adversarial/)")
+    rt.add_argument("--out", help="output folder instead of <output_dir>/audit/redteam/")
     model = sub.add_parser("model", help="model tools")
     model.add_argument("action", choices=["prepare"])
     model.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -177,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(result))
             if args.out:
                 print(f"written: {write(result, args.out)}")
+        elif args.command == "redteam":
+            from cai.redteam import cli as redteam_cli
+
+            redteam_cli(args)
         elif args.command == "cluster":
             from cai.cluster import wait_for_cluster
 

@@ -107,8 +107,9 @@ def resolve_checkpoints(cfg: PipelineConfig, constitution: Constitution, out: Pa
     return found
 
 
-def reward_model_folder(cfg: PipelineConfig, run_dir: Path) -> Path | None:
-    spec = cfg.evaluate.reward_model
+def reward_model_folder(cfg: PipelineConfig, run_dir: Path, spec: str | None = "",
+                        key: str = "evaluate.reward_model") -> Path | None:
+    spec = cfg.evaluate.reward_model if spec == "" else spec
     if spec is None:
         return None
     folder, _, name = spec.rpartition(":")
@@ -116,7 +117,7 @@ def reward_model_folder(cfg: PipelineConfig, run_dir: Path) -> Path | None:
         Path(folder).expanduser().resolve() / "reward_model" / "model" if name == "reward_model" and folder else \
         Path(spec).expanduser()
     if not (path / "reward_stats.json").is_file():
-        raise CaiError(f"evaluate.reward_model: '{spec}': {path} is not a preference model folder (no "
+        raise CaiError(f"{key}: '{spec}': {path} is not a preference model folder (no "
                        f"reward_stats.json; the reward_model stage writes one)")
     return path
 

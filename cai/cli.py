@@ -6,6 +6,7 @@
   cai eval pipelines/default.yaml [key=value ...] [--checkpoints base,sft,policy,ppo@10,runs/concise:policy]
   cai audit arca runs/default/ppo/model --target "TEXT" [--prompt-tokens 4] [--budget 6000] [--out DIR]
   cai mwe pipelines/default.yaml [key=value ...] --behaviour avoid-shutdown [--checkpoints base,policy] [--probes F]
+  cai redteam pipelines/default.yaml --checkpoint policy [--rounds 3] [--attacks 64] [--adversarial] [--out DIR]
   cai status runs/default
   cai constitution check constitutions/default.yaml
   cai judge-check smollm2-135m-instruct
@@ -76,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     mwe.add_argument("--probes", help="jsonl in Anthropic's layout (question, answer_matching_behavior, "
                                       "answer_not_matching_behavior): scored as given, nothing generated")
     mwe.add_argument("--n", type=int, help="writer outputs per side (mwe.n)")
+    rt = sub.add_parser("redteam", help="red-team a checkpoint with a red LM (Perez et al. 2022); writes "
+                                        "<output_dir>/audit/redteam/")
+    rt.add_argument("pipeline")
+    rt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. redteam.few_shot=3")
+    rt.add_argument("--checkpoint", required=True, help="base, sft, policy, ppo, dpo, ppo@<step>, "
+                                                        "<run folder>:<checkpoint>, or a model folder")
+    rt.add_argument("--rounds", type=int, help="rounds of attacks (redteam.rounds)")
+    rt.add_argument("--attacks", type=int, help="red-LM completions per round (redteam.attacks)")
+    rt.add_argument("--reward-model", help="a preference model must also score the answer low (redteam.reward_model)")
+    rt.add_argument("--adversarial", action="store_true", help="fine-tune the attacker and train an input filter "
+                                                               "each round (under .../redteam/adversarial/)")
+    rt.add_argument("--out", help="output folder instead of <output_dir>/audit/redteam/")
     model = sub.add_parser("model", help="model tools")
     model.add_argument("action", choices=["prepare"])
     model.add_argument("name", nargs="?", default="smollm2-135m-instruct")
@@ -203,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             from cai.mwe import main as mwe_main
 
             mwe_main(args)
+        elif args.command == "redteam":
+            from cai.redteam import cli as redteam_cli
+
+            redteam_cli(args)
         elif args.command == "cluster":
             from cai.cluster import wait_for_cluster
 

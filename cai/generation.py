@@ -26,24 +26,43 @@ class Completion:
     ids: tuple[int, ...] = ()  # the sampled tokens, EOS included when finished
 
 
+NUCLEUS_CANDIDATES = 256  # tokens ranked per row before a full sort is needed (README: Performance)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B, K) unnormalised probabilities, (B, 1) uniforms -> (B, 1) column indices."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+
+
+def _nucleus(ranked: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Probabilities sorted descending -> the smallest prefix whose mass reaches top_p kept, the rest zeroed (the
+    first token always stays)."""
+    return ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids. temperature 0 is greedy.
 
     Inverse-CDF sampling (one uniform per row, then a binary search in the cumulative
     distribution): torch.multinomial on CPU draws V exponentials per row (README: Performance).
+    The nucleus is found among each row's NUCLEUS_CANDIDATES most likely tokens (a top-k, far cheaper than
+    sorting the vocabulary at every step); only rows whose nucleus is wider are sorted in full. Either way the
+    token drawn is the one a full sort gives.
     """
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)          # (B, V)
-    order = None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)                                                # (B, V)
-    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-    choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-    return (order.gather(-1, choice) if order is not None else choice).squeeze(-1)
+    u = torch.rand(len(probs), 1, generator=gen, dtype=probs.dtype, device=probs.device)
+    if top_p >= 1.0:
+        return _inverse_cdf(probs, u).squeeze(-1)
+    ranked, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)   # (B, K), descending
+    choice = order.gather(-1, _inverse_cdf(_nucleus(ranked, top_p), u))              # (B, 1)
+    wide = (ranked.cumsum(-1)[:, -1] < top_p).nonzero().squeeze(-1)  # rows whose nucleus reaches past K
+    if len(wide):
+        ranked, order = probs[wide].sort(dim=-1, descending=True)
+        choice[wide] = order.gather(-1, _inverse_cdf(_nucleus(ranked, top_p), u[wide]))
+    return choice.squeeze(-1)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +137,17 @@ class ChatGenerator:
     def _prefill(self, rows: list[list[int]], extra: int):
         """One forward over the prompts, laid out per row as [shared prefix P][left padding][own suffix S]: the
         prefix (the system turn, few-shot conversations, a judge's worked examples) runs once and is copied to
-        every row. -> (cache with room for `extra` more tokens, mask (B, T + extra), positions (B, S), last
+        every row, and so does a prompt that occurs several times. -> (cache with room for `extra` more tokens, mask (B, T + extra), positions (B, S), last
         logits (B, V), T)."""
         from transformers import StaticCache
 
+        unique = list(dict.fromkeys(map(tuple, rows)))
+        if len(unique) < len(rows):  # the same prompt several times (samples per prompt, a shared few-shot draw)
+            cache, mask, positions, logits, T = self._prefill([list(u) for u in unique], extra)
+            where = {u: i for i, u in enumerate(unique)}
+            copies = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
+            _select_rows(cache, copies)
+            return cache, mask[copies], positions[copies], logits[copies], T
         P = shared_prefix_len(rows, self.min_shared_prefix)
         dev = self.device
         ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id, dev)   # (B, S)

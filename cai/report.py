@@ -353,6 +353,12 @@ class Section:
     build: Callable[[dict, Path], str]  # (eval.json's dict, plots folder) -> HTML body, "" to leave it out
 
 
+def redteam(data: dict, plots: Path) -> str:  # in cai/report_redteam.py, which imports this module
+    from cai.report_redteam import redteam as build
+
+    return build(data, plots)
+
+
 SECTIONS: list[Section] = [
     Section("setup", "Checkpoints and prompt sets", None, setup),
     Section("elo", "Elo ratings", "elo", elo),
@@ -365,6 +371,7 @@ SECTIONS: list[Section] = [
     Section("mwe", "Model-written evaluations", "mwe", mwe),
     Section("samples", "Samples", "samples", samples),
     Section("skipped", "Skipped", "skipped", skipped),
+    Section("redteam", "Red teaming", "redteam", redteam),
 ]
 HEADER_KEYS = {"title", "created", "checkpoints", "sets", "judge", "reward_model"}
 

@@ -27,6 +27,29 @@ def test_sample_next_greedy_top_p_and_distribution():
     assert freq[2] == 0 and freq[3] == 0 and abs(freq[0] - 0.625) < 0.03
 
 
+def _full_sort_sample(logits, temperature, top_p, gen):
+    """The nucleus by sorting the whole vocabulary: what sample_next must draw."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs, order = probs.sort(dim=-1, descending=True)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+    return order.gather(-1, torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)).squeeze(-1)
+
+
+def test_top_p_among_candidates_draws_what_a_full_sort_draws(monkeypatch):
+    """Peaked rows (nucleus within the candidates) and flat ones (sorted in full) in one batch."""
+    import cai.generation
+
+    monkeypatch.setattr(cai.generation, "NUCLEUS_CANDIDATES", 32)
+    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 12, 64)[:, None]
+    for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.5)):
+        ours, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        for _ in range(20):
+            assert torch.equal(sample_next(logits, temperature, top_p, ours),
+                               _full_sort_sample(logits, temperature, top_p, ref))
+
+
 def test_greedy_batched_equals_one_by_one(tiny_generator):
     """Bucketing, left padding and dropping finished rows must not change any row's text."""
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, batch_size=4)
@@ -35,6 +58,20 @@ def test_greedy_batched_equals_one_by_one(tiny_generator):
               for c in CONVS]
     assert [c.text for c in batched] == [c.text for c in single]
     assert all(c.new_tokens == 12 or c.finished for c in batched)
+
+
+def test_a_repeated_prompt_runs_once_and_scores_as_alone(tiny_generator):
+    """Rows holding the same prompt share one prefill: each row's next-token log-probs are those of its prompt scored
+    alone, and sampled rows still draw on their own."""
+    prompts = [tiny_generator.chat_ids(CONVS[i], 512) for i in (1, 0, 1, 1, 3)]
+    options = [[t] for t in range(100, 140)]
+    together = tiny_generator.option_logprobs(prompts, options, batch_size=8)
+    alone = torch.cat([tiny_generator.option_logprobs([p], options, batch_size=1) for p in prompts])
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the prompts do differ
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.0, batch_size=8)
+    sampled = tiny_generator.generate_chat([CONVS[1]] * 6, cfg, seed=0)
+    assert len({c.text for c in sampled}) > 1
 
 
 def test_greedy_matches_plain_generate(tiny_generator):

@@ -108,16 +108,18 @@ def resolve_checkpoints(cfg: PipelineConfig, constitution: Constitution, out: Pa
     return found
 
 
-def reward_model_folder(cfg: PipelineConfig, run_dir: Path) -> Path | None:
-    spec = cfg.evaluate.reward_model
-    if spec is None or cfg.evaluate.reward_function:
+def reward_model_folder(cfg: PipelineConfig, run_dir: Path, spec: str | None = "",
+                        key: str = "evaluate.reward_model") -> Path | None:
+    if spec == "":  # the evaluation's own: none when a rule-based reward function scores instead
+        spec = None if cfg.evaluate.reward_function else cfg.evaluate.reward_model
+    if spec is None:
         return None
     folder, _, name = spec.rpartition(":")
     path = run_dir / "reward_model" / "model" if spec == "reward_model" else \
         Path(folder).expanduser().resolve() / "reward_model" / "model" if name == "reward_model" and folder else \
         Path(spec).expanduser()
     if not (path / "reward_stats.json").is_file():
-        raise CaiError(f"evaluate.reward_model: '{spec}': {path} is not a preference model folder (no "
+        raise CaiError(f"{key}: '{spec}': {path} is not a preference model folder (no "
                        f"reward_stats.json; the reward_model stage writes one)")
     return path
 

@@ -4,9 +4,10 @@ Selected by `policy_optimization: dpo`. Steps:
   1. pairs from preferences.jsonl whose soft label is confident enough (p_chosen >= dpo.min_p_chosen) and
      whose responses both finished (trl closes every turn with an end-of-turn token, so a response cut at
      the token limit would be taught as a finished answer);
-  2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference, on DeepSpeed inside
-     Ray Train workers; trainer checkpoints in trainer/, resumed on a rerun;
-  3. commit the policy: model.tmp/ -> checked -> model/.
+  2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference (with `train.lora`: the
+     frozen SFT weights with the adapter off, no second copy), on DeepSpeed inside Ray Train workers; trainer
+     checkpoints in trainer/, resumed on a rerun;
+  3. commit the policy: model.tmp/ -> checked -> model/ (a LoRA adapter merged first, kept in adapter/).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def train_worker(job: DpoJob) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from cai.cluster import Resources, peak_rss_gb, worker_init
+    from cai.lora import trainable_share
     from cai.train.hf import train_hf, trainer_args
 
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
@@ -51,11 +53,13 @@ def train_worker(job: DpoJob) -> dict:
     if result is None:  # stopped for a stop request, checkpointed
         return {"stopped": True, "step": trainer.state.global_step}
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
-            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb()}
+            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb(),
+            **(trainable_share(trainer.model) if job.train.lora else {})}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.cluster import run_training
+    from cai.lora import check_targets
     from cai.models import commit_model
     from cai.stages.reward_model import check_preferences
 
@@ -69,13 +73,15 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
                        f"(of {len(rows)}); lower the threshold or improve the judge")
     write_jsonl(out / "train.jsonl", kept)
     # step 2: DPO on Ray Train + DeepSpeed
+    base = inputs["sft"] / "model"
+    check_targets(cfg.dpo.train.lora, base, "dpo.train.lora")
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
-    job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=inputs["sft"] / "model",
+    job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=base,
                  data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
                  steps_log=out / STEPS)
     summary = run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo")
-    # step 3: commit once it loads
-    commit_model(out / "model.tmp", out / "model")
+    # step 3: commit once it loads (a LoRA adapter merged into the base first)
+    commit_model(out / "model.tmp", out / "model", lora_base=base if cfg.dpo.train.lora else None)
     shutil.rmtree(out / "ray", ignore_errors=True)
     return {**summary, "pairs": len(kept), "dropped_unconfident": len(finished) - len(kept),
             "dropped_unfinished": len(rows) - len(finished)}

@@ -5,12 +5,14 @@ Steps:
      user-named reward function is imported and checked here, before any model loads;
   2. the models: policy, reference and rollout copy from the SFT checkpoint, the preference model (read
      as the reward_model stage trained it, cai/preference_model.py), the value model from the preference
-     model (or the SFT model);
+     model (or the SFT model); with `train.lora`, policy and value train adapters and the reference is the
+     policy's frozen base with its adapters off (no second copy);
   3. the PPO loop (cai/rl/worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
      checkpoints committed every `train.save_steps` and resumed to the step; metrics.jsonl, samples.jsonl
      and TensorBoard (when installed) as it goes, with a progress bar read from metrics.jsonl;
-  4. commit the final policy: model.tmp/ -> checked -> model/ (and, every `keep_snapshots_every` steps, the
-     policy so far in snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N).
+  4. commit the final policy: model.tmp/ -> checked -> model/ (a LoRA adapter merged first, kept in adapter/;
+     and, every `keep_snapshots_every` steps, the policy so far in snapshots/step-NNNNNN/, which `cai eval`
+     reads as ppo@N).
 On 8 GPUs: `cai run x.yaml ppo.train.workers=8 ppo.train.gpus_per_worker=1 ppo.train.bf16=true
 ppo.train.zero_stage=3`.
 """
@@ -96,10 +98,13 @@ def step_info(m: dict) -> tuple[str, list[str]]:
 def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
     """Steps 1-2: the prompts (written to prompts.jsonl), the reward function checked before anything loads,
     the models' folders and the prompt budget."""
+    from cai.lora import check_targets
+
     prompts = rl_prompts(cfg, inputs["prompts"])
     write_jsonl(out / "prompts.jsonl", prompts)
     fn = reward_function(cfg.ppo.reward_function) if cfg.ppo.reward_function else None
     policy, reward = inputs["sft"] / "model", inputs["reward_model"] / "model"
+    check_targets(cfg.ppo.train.lora, policy, "ppo.train.lora")
     return PpoJob(ppo=cfg.ppo, seed=cfg.seed, out=out, policy=policy,
                   value_init=reward if cfg.ppo.value_init == "reward_model" else policy,
                   reward_model=None if fn else reward, reward_function=fn,
@@ -121,7 +126,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     summary = run_training(train_worker, job, cfg.ppo.train, cfg.ray, out, "ppo", steps_log=out / "metrics.jsonl",
                            total=cfg.ppo.steps, info=step_info)
     # step 4: commit the policy
-    commit_model(out / "model.tmp", out / "model")
+    commit_model(out / "model.tmp", out / "model", lora_base=job.policy if cfg.ppo.train.lora else None)
     shutil.rmtree(out / "ray", ignore_errors=True)
     shutil.rmtree(out / "parked", ignore_errors=True)
     final = summary.pop("final", {})

@@ -7,11 +7,12 @@ workers started elsewhere see the same files.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cai.errors import CaiError
 from cai.stages import ORDER
@@ -86,6 +87,29 @@ class CritiqueReviseConfig(Strict):
     generation: GenerationConfig = GenerationConfig()
 
 
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1, description="rank r of each adapter's update B @ A")
+    alpha: float = Field(32.0, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input in sft and dpo (the HF "
+                           "Trainer's train mode); reward_model and ppo train without dropout")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="names of the layers to adapt (q_proj, v_proj, ...: a module whose name is "
+                                  "or ends with one), or all-linear: every linear layer but the output head")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, names: str | list[str]) -> str | list[str]:
+        if isinstance(names, str) and names != "all-linear":
+            raise ValueError(f"expected a list of module names ([{names}]) or all-linear, got '{names}'")
+        if isinstance(names, list):
+            if not names:
+                raise ValueError("name at least one module, or all-linear")
+            bad = [n for n in names if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", n)]
+            if bad:
+                raise ValueError(f"'{bad[0]}' is not a module name (like q_proj or self_attn.v_proj)")
+        return names
+
+
 class TrainConfig(Strict):
     workers: int = Field(1, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs (and torch threads) per worker")
@@ -106,6 +130,8 @@ class TrainConfig(Strict):
                                           "layer in backward instead of keeping them (1: all layers); 0: off")
     keep_freed_memory: bool = Field(True, description="workers' malloc keeps freed memory for the next step "
                                      "instead of returning it to the OS (on CPU: faster, higher peak RSS)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (merged into a "
+                                    "plain model folder on commit, kept in <stage>/adapter/); None: full fine-tuning")
 
 
 class SftConfig(Strict):
@@ -205,6 +231,13 @@ class PpoConfig(Strict):
         if gen.top_p != 1.0:
             raise ValueError("top_p must be 1.0 for PPO (the log-probs are those of the full distribution)")
         return gen
+
+    @model_validator(mode="after")
+    def _lora_reference_is_the_base(self) -> PpoConfig:
+        if self.train.lora and self.reference_dtype:
+            raise ValueError("reference_dtype: with train.lora the reference is the policy's own base with the "
+                             "adapters off (no second copy, in the policy's dtype); leave it unset")
+        return self
 
 
 class DpoConfig(Strict):

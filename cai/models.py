@@ -163,13 +163,19 @@ def build_tiny_model(out: Path, hidden: int = 64, layers: int = 2, heads: int = 
 
 
 def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tuple[str, ...] = (),
-                 card: ModelCard | None = None) -> None:
+                 card: ModelCard | None = None, lora_base: Path | None = None) -> None:
     """Commit a trained model folder: `tmp` must hold a config, weights and the `required` files, and load as
     a `head` model ("causal_lm" or "reward_model"); only then is its `card` written into it (README.md) and does
-    it replace `final` (a rename). One line otherwise, and `final` is left as it was."""
+    it replace `final` (a rename). One line otherwise, and `final` is left as it was. With `lora_base`, `tmp`
+    holds a LoRA adapter trained on that base: merged into it first (cai/lora.py), the adapter committed beside
+    `final` as `adapter/`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if lora_base is not None:
+        from cai.lora import merge_adapter
+
+        merge_adapter(tmp, lora_base, head, final.with_name("adapter.tmp"))
     missing = [f for f in ("config.json", *required) if not (tmp / f).exists()]
     if not tmp.is_dir() or missing or not list(tmp.glob("*.safetensors")):
         what = f"no {missing[0]}" if tmp.is_dir() and missing else "no weights" if tmp.is_dir() else "no folder"
@@ -186,3 +192,6 @@ def commit_model(tmp: Path, final: Path, head: str = "causal_lm", required: tupl
         write_atomic(tmp / CARD, card.render())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    if lora_base is not None:
+        shutil.rmtree(final.with_name("adapter"), ignore_errors=True)
+        os.replace(final.with_name("adapter.tmp"), final.with_name("adapter"))

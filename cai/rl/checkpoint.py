@@ -1,6 +1,6 @@
-"""PPO checkpoints: both engines (weights, optimizers, schedules), each rank's RNG states, and the loop's own
-state (step, KL coefficient, skipped steps). A checkpoint counts only once its marker exists, written last;
-older ones are deleted only after it."""
+"""PPO checkpoints: both engines (weights, optimizers, schedules; a LoRA engine's frozen base left out), each
+rank's RNG states, and the loop's own state (step, KL coefficient, skipped steps). A checkpoint counts only once
+its marker exists, written last; older ones are deleted only after it."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from cai.train.deepspeed import frozen_weights
 
 COMMITTED = "COMMITTED"
 
@@ -29,8 +31,9 @@ def _barrier() -> None:
 
 def save(root: Path, state: LoopState, policy, value, rank: int, keep: int) -> None:
     tag = f"step-{state.step:06d}"
-    policy.save_checkpoint(str(root / "policy"), tag=tag, client_state=asdict(state))
-    value.save_checkpoint(str(root / "value"), tag=tag)
+    policy.save_checkpoint(str(root / "policy"), tag=tag, client_state=asdict(state),
+                           exclude_frozen_parameters=frozen_weights(policy))
+    value.save_checkpoint(str(root / "value"), tag=tag, exclude_frozen_parameters=frozen_weights(value))
     (root / "rng").mkdir(parents=True, exist_ok=True)
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None},
@@ -55,8 +58,8 @@ def restore(root: Path, policy, value, rank: int) -> LoopState | None:
     if not markers:
         return None
     tag = markers[-1].name.split(".")[0]
-    _, client = policy.load_checkpoint(str(root / "policy"), tag=tag)
-    value.load_checkpoint(str(root / "value"), tag=tag)
+    _, client = policy.load_checkpoint(str(root / "policy"), tag=tag, load_module_strict=not frozen_weights(policy))
+    value.load_checkpoint(str(root / "value"), tag=tag, load_module_strict=not frozen_weights(value))
     rng = torch.load(root / "rng" / f"{tag}-{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

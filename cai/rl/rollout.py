@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from cai.chat import generation_prompt_ids, user
-from cai.config import GenerationConfig
+from cai.config import GenerationConfig, LoraConfig
 from cai.generation import ChatGenerator, Completion, end_ids
 from cai.rl.parked import drop_weights
 from cai.train.deepspeed import gathered
@@ -36,17 +36,23 @@ class RolloutGenerator(Protocol):
 
 class RolloutWeights:
     """The module rollouts sample from: a copy in `dtype` when that differs from the training dtype (below
-    ZeRO-3), else the engine's own module."""
+    ZeRO-3), else the engine's own module. A LoRA policy's copy carries the same adapters (what `sync` refreshes);
+    either way `module` is the transformers model, adapters active."""
 
-    def __init__(self, engine, zero_stage: int, dtype: torch.dtype, path: Path, device: torch.device):
+    def __init__(self, engine, zero_stage: int, dtype: torch.dtype, path: Path, device: torch.device,
+                 lora: LoraConfig | None = None):
         from transformers import AutoModelForCausalLM
+
+        from cai.lora import hf_model, wrap
 
         self.engine, self.zero_stage = engine, zero_stage
         self.copy = None
         if zero_stage < 3 and dtype != next(engine.module.parameters()).dtype:
             # loaded in the target dtype (a deepcopy would hold a second fp32 copy first)
-            self.copy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-        self.module = self.copy or engine.module
+            copy = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            copy = wrap(copy, lora, "causal_lm", adapter_dtype_follows_base=True) if lora else copy
+            self.copy = copy.to(device).eval().requires_grad_(False)
+        self.module = hf_model(self.copy or engine.module)
 
     def sampling(self):
         """A block in which `module` holds whole weights (ZeRO-3 gathers them on every rank)."""
@@ -58,7 +64,8 @@ class RolloutWeights:
 
     @torch.no_grad()
     def sync(self) -> None:
-        if self.copy is not None:  # parameters() lists tied weights once, in the same order on both
+        # parameters() lists tied weights once, in the same order on both (peft wraps both alike)
+        if self.copy is not None:
             for dst, src in zip(self.copy.parameters(), self.engine.module.parameters()):
                 dst.data = src.detach().to(dst.dtype, copy=True)
 

@@ -66,7 +66,7 @@ class PPOWorker:
         self.device, self.rank, self.world = self.worker.device, self.worker.rank, self.worker.world
         self.models = load_models(job, self.train, self.worker, self.optimizer_steps)
         weights = RolloutWeights(self.models.policy, self.train.zero_stage, getattr(torch, self.models.inference_dtype),
-                                 job.policy, self.device)
+                                 job.policy, self.device, self.train.lora)
         self.rollouts = rollout_generator(self.cfg.rollout_backend, weights, self.models.tokenizer,
                                           self.cfg.generation, job.system_prompt, job.max_prompt_tokens, self.device)
         kl = self.cfg.kl
@@ -256,6 +256,7 @@ class PPOWorker:
         """The policy after `step` steps, for evaluation along the run (ppo@<step>): written aside, then renamed,
         before the checkpoint of the same step, so a resumed run never lacks a snapshot it passed."""
         from cai.checkpoints import snapshot_folder
+        from cai.lora import merge_adapter
 
         final = snapshot_folder(self.job.out, step)
         tmp = final.with_name(final.name + ".tmp")
@@ -263,6 +264,8 @@ class PPOWorker:
             shutil.rmtree(tmp, ignore_errors=True)
         self.save_policy(tmp)
         if self.rank == 0:
+            if self.train.lora:  # a plain model folder for `cai eval`, its adapter inside
+                merge_adapter(tmp, self.job.policy, "causal_lm", tmp / "adapter")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
 
@@ -303,12 +306,22 @@ class PPOWorker:
                 self.save(step + 1)
             if stop:  # preemption: checkpointed, out
                 return {"stopped": True, "step": step + 1}
-        self.save_policy(self.job.out / "model.tmp")
+        self.save_policy(self.job.out / "model.tmp")  # with LoRA, the adapter: the driver merges it on commit
+        sizes = held_params(self.models)
         self.models.reference.delete()
         self.models.score.delete()
         return {"steps": self.cfg.steps, "resumed_from_step": start, "skipped_steps": self.skipped,
                 "device": str(self.device),
-                "setup_peak_rss_gb": self.setup_peak_rss_gb, "final": last, "peak_rss_gb": peak_rss_gb()}
+                "setup_peak_rss_gb": self.setup_peak_rss_gb, "final": last, "peak_rss_gb": peak_rss_gb(), **sizes}
+
+
+def held_params(models) -> dict:
+    """The policy's trainable share, and the parameters the reference holds of its own: 0 for a LoRA policy,
+    whose reference is its own base with the adapters off."""
+    from cai.lora import trainable_share
+
+    return {**{f"policy_{k}": v for k, v in trainable_share(models.policy.module).items()},
+            "reference_own_params": models.reference.own_params}
 
 
 def train_worker(job: PpoJob) -> dict:

@@ -4,9 +4,11 @@ Selected by `policy_optimization: dpo`. Steps:
   1. pairs from preferences.jsonl whose soft label is confident enough (p_chosen >= dpo.min_p_chosen) and
      whose responses both finished (trl closes every turn with an end-of-turn token, so a response cut at
      the token limit would be taught as a finished answer);
-  2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference, on DeepSpeed inside
-     Ray Train workers; trainer checkpoints in trainer/, resumed on a rerun; logs in logs/ (cai/metrics_log.py);
-  3. commit the policy with its card (cai/cards.py): model.tmp/ -> checked -> model/.
+  2. DPO (Rafailov et al. 2023) from the SFT model, with the SFT model as reference (with `train.lora`: the
+     frozen SFT weights with the adapter off, no second copy), on DeepSpeed inside Ray Train workers; trainer
+     checkpoints in trainer/, resumed on a rerun; logs in logs/ (cai/metrics_log.py);
+  3. commit the policy with its card (cai/cards.py): model.tmp/ -> checked -> model/ (a LoRA adapter merged
+     first, kept in adapter/).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def train_worker(job: DpoJob) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from cai.cluster import Resources, peak_rss_gb, worker_init
+    from cai.lora import trainable_share
     from cai.train.hf import train_hf, trainer_args
 
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
@@ -55,12 +58,14 @@ def train_worker(job: DpoJob) -> dict:
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "train_accuracy": round(sum(h["rewards/accuracies"] for h in logged) / len(logged), 4) if logged else None,
             "train_margin": round(sum(h["rewards/margins"] for h in logged) / len(logged), 4) if logged else None,
-            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb()}
+            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb(),
+            **(trainable_share(trainer.model) if job.train.lora else {})}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.cards import DataFile, model_card
     from cai.cluster import run_training
+    from cai.lora import check_targets
     from cai.models import commit_model
     from cai.stages.reward_model import check_preferences
 
@@ -74,16 +79,18 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
                        f"(of {len(rows)}); lower the threshold or improve the judge")
     write_jsonl(out / "train.jsonl", kept)
     # step 2: DPO on Ray Train + DeepSpeed
+    base = inputs["sft"] / "model"
+    check_targets(cfg.dpo.train.lora, base, "dpo.train.lora")
     shutil.rmtree(out / "model.tmp", ignore_errors=True)
-    job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=inputs["sft"] / "model",
+    job = DpoJob(train=cfg.dpo.train, seed=cfg.seed, beta=cfg.dpo.beta, base_model=base,
                  data=out / "train.jsonl", trainer_dir=out / "trainer", model_tmp=out / "model.tmp",
                  steps_log=out / STEPS, report=Reporting.of(cfg, "dpo", out, settings(cfg)))
     summary = {**run_training(train_worker, job, cfg.dpo.train, cfg.ray, out, "dpo"), "pairs": len(kept),
                "dropped_unconfident": len(finished) - len(kept), "dropped_unfinished": len(rows) - len(finished)}
-    # step 3: commit once it loads, with its card
+    # step 3: commit once it loads, with its card (a LoRA adapter merged into the base first)
     data = [DataFile.of(inputs["preferences"], "preferences", "preferences.jsonl"),
             DataFile.of(out, "dpo", "train.jsonl")]
     card = model_card(cfg, constitution, "dpo", summary, settings(cfg), data)
-    commit_model(out / "model.tmp", out / "model", card=card)
+    commit_model(out / "model.tmp", out / "model", card=card, lora_base=base if cfg.dpo.train.lora else None)
     shutil.rmtree(out / "ray", ignore_errors=True)
     return summary

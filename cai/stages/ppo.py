@@ -5,13 +5,14 @@ Steps:
      user-named reward function is imported and checked here, before any model loads;
   2. the models: policy, reference and rollout copy from the SFT checkpoint, the preference model (read
      as the reward_model stage trained it, cai/preference_model.py), the value model from the preference
-     model (or the SFT model);
+     model (or the SFT model); with `train.lora`, policy and value train adapters and the reference is the
+     policy's frozen base with its adapters off (no second copy);
   3. the PPO loop (cai/rl/worker.py) on Ray Train workers with DeepSpeed engines for policy and value,
      checkpoints committed every `train.save_steps` and resumed to the step; metrics.jsonl, samples.jsonl
      and the logs in logs/ (cai/metrics_log.py) as it goes, with a progress bar read from metrics.jsonl;
-  4. commit the final policy with its card (cai/cards.py): model.tmp/ -> checked -> model/ (and, every
-     `keep_snapshots_every` steps, the policy so far in snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N;
-     each gets a card with that step's numbers).
+  4. commit the final policy with its card (cai/cards.py): model.tmp/ -> checked -> model/ (a LoRA adapter
+     merged first, kept in adapter/; and, every `keep_snapshots_every` steps, the policy so far in
+     snapshots/step-NNNNNN/, which `cai eval` reads as ppo@N; each gets a card with that step's numbers).
 On 8 GPUs: `cai run x.yaml ppo.train.workers=8 ppo.train.gpus_per_worker=1 ppo.train.bf16=true
 ppo.train.zero_stage=3`.
 """
@@ -84,10 +85,13 @@ def step_info(m: dict) -> tuple[str, list[str]]:
 def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> PpoJob:
     """Steps 1-2: the prompts (written to prompts.jsonl), the reward function checked before anything loads,
     the models' folders and the prompt budget."""
+    from cai.lora import check_targets
+
     prompts = rl_prompts(cfg, inputs["prompts"])
     write_jsonl(out / "prompts.jsonl", prompts)
     fn = reward_function(cfg.ppo.reward_function) if cfg.ppo.reward_function else None
     policy, reward = inputs["sft"] / "model", inputs["reward_model"] / "model"
+    check_targets(cfg.ppo.train.lora, policy, "ppo.train.lora")
     return PpoJob(ppo=cfg.ppo, seed=cfg.seed, out=out, policy=policy,
                   value_init=reward if cfg.ppo.value_init == "reward_model" else policy,
                   reward_model=None if fn else reward, reward_function=fn,
@@ -114,7 +118,8 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     # step 4: commit the policy, with its card (and one in each snapshot)
     card = model_card(cfg, constitution, "ppo", summary, settings(cfg), [
         DataFile.of(out, "ppo", "prompts.jsonl"), DataFile.of(inputs["reward_model"], "reward_model", "train.jsonl")])
-    commit_model(out / "model.tmp", out / "model", card=card)
+    commit_model(out / "model.tmp", out / "model", card=card,
+                 lora_base=job.policy if cfg.ppo.train.lora else None)
     write_snapshot_cards(out, card)
     shutil.rmtree(out / "ray", ignore_errors=True)
     shutil.rmtree(out / "parked", ignore_errors=True)

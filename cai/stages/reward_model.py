@@ -10,7 +10,8 @@ Steps:
   3. evaluate on the held-out set: agreement with the labels, calibration (ECE of σ(r_c - r_r)
      against the soft label); the card beside the model holds the truncation length and the score
      statistics in the training dtype, which PPO normalises with (cai/preference_model.py);
-  4. commit the model with its card (cai/cards.py): model.tmp/ -> checked -> model/.
+  4. commit the model with its card (cai/cards.py): model.tmp/ -> checked -> model/ (with `train.lora`: the
+     adapter and the trained head merged into the base first, the adapter kept in adapter/).
 trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), hence our loop.
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ def train_worker(job: RewardModelJob) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from cai import lora
     from cai.cluster import Resources, peak_rss_gb, worker_init
     from cai.models import load_tokenizer
     from cai.train import recompute
@@ -93,6 +95,8 @@ def train_worker(job: RewardModelJob) -> dict:
     tokenizer = load_tokenizer(job.base_model, padding_side="right")
     model = AutoModelForSequenceClassification.from_pretrained(job.base_model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if job.train.lora:  # the base frozen; the adapters and the new scalar head train
+        model = lora.wrap(model, job.train.lora, "reward_model")
     recompute.enable(model, job.train.activation_checkpointing)
     train_rows, eval_rows = read_jsonl(job.train_data), read_jsonl(job.eval_data)
     per_step = job.train.batch_size * worker.world
@@ -114,7 +118,8 @@ def train_worker(job: RewardModelJob) -> dict:
     return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)
             if losses else None, **metrics, "first_lr": lrs[0] if lrs else None, "last_lr": lrs[-1] if lrs else None,
             "device": str(worker.device), "train_seconds": round(train_seconds, 2),
-            "train_tokens": _sum_over_ranks(tokens, worker.device), "peak_rss_gb": peak_rss_gb()}
+            "train_tokens": _sum_over_ranks(tokens, worker.device), "peak_rss_gb": peak_rss_gb(),
+            **(lora.trainable_share(model) if job.train.lora else {})}
 
 
 def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, total: int,
@@ -131,13 +136,14 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
     from cai.train import recompute
     from cai.train.batching import epoch_order
     from cai.train.deepspeed import grad_norm
+    from cai.train.deepspeed import frozen_weights
 
     per_step = job.train.batch_size * worker.world
     steps_per_epoch = max(1, len(rows) // per_step)
     lengths = [max(len(r["chosen"]), len(r["rejected"])) for r in rows]
     start, ckpt = 0, str(job.checkpoint_dir)
     if os.path.exists(os.path.join(ckpt, "latest")):
-        _, client = engine.load_checkpoint(ckpt)
+        _, client = engine.load_checkpoint(ckpt, load_module_strict=not frozen_weights(engine))
         start = client["step"]
     losses, tokens, lrs = [], 0, []
     steps = StepLog(job.steps_log, start) if worker.rank == 0 else None
@@ -162,7 +168,8 @@ def _train(engine, job: RewardModelJob, worker, rows: list[dict], pad_id: int, t
             reporter.log(metric_names(figures), step + 1)
         stop = stopping.agreed(worker.device) and step + 1 < total
         if stop or ((step + 1) % job.train.save_steps == 0 and step + 1 < total):
-            engine.save_checkpoint(ckpt, client_state={"step": step + 1})
+            engine.save_checkpoint(ckpt, client_state={"step": step + 1},
+                                   exclude_frozen_parameters=frozen_weights(engine))
         if stop:
             break
     return start, losses, tokens, lrs
@@ -202,8 +209,8 @@ def _evaluate(engine, eval_rows: list[dict], train_rows: list[dict], pad_id: int
 
 
 def _save(engine, tokenizer, job: RewardModelJob, worker, stats: tuple[float, float]) -> None:
-    """The HF folder (ZeRO-3 shards gathered, every rank joins) and its card, with the statistics measured in
-    the training dtype."""
+    """The HF folder (ZeRO-3 shards gathered, every rank joins; with LoRA, the adapter and the scalar head) and
+    its card, with the statistics measured in the training dtype."""
     from cai.preference_model import PreferenceModelCard
     from cai.train.deepspeed import gathered
 
@@ -228,11 +235,13 @@ def _sum_over_ranks(value: int, device) -> int:
 
 def prepare(cfg: PipelineConfig, inputs: dict[str, Path], out: Path) -> RewardModelJob:
     """Step 1: check and split the pairs, tokenise both sides once (train.jsonl, eval.jsonl), name the base."""
+    from cai.lora import check_targets
     from cai.models import load_tokenizer, resolve_model
 
     rows = check_preferences(inputs["preferences"] / "preferences.jsonl")
     train_rows, eval_rows = split(rows, cfg.reward_model.eval_fraction, cfg.seed)
     base = resolve_model(cfg.reward_model.base_model) if cfg.reward_model.base_model else inputs["sft"] / "model"
+    check_targets(cfg.reward_model.train.lora, base, "reward_model.train.lora")
     tokenizer = load_tokenizer(base, padding_side="right")
     write_jsonl(out / "train.jsonl", encode_pairs(tokenizer, train_rows, cfg.reward_model.train.max_length))
     write_jsonl(out / "eval.jsonl", encode_pairs(tokenizer, eval_rows, cfg.reward_model.train.max_length))
@@ -261,6 +270,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             *(DataFile.of(out, "reward_model", f) for f in ("train.jsonl", "eval.jsonl"))]
     card = model_card(cfg, constitution, "reward_model", summary, settings(cfg), data, head="reward_model",
                       base_model=base or lineage_root(cfg), fine_tuned_from=base or "sft/model")
-    commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,), card=card)
+    commit_model(out / "model.tmp", out / "model", head="reward_model", required=(CARD,), card=card,
+                 lora_base=job.base_model if cfg.reward_model.train.lora else None)
     shutil.rmtree(out / "ray", ignore_errors=True)
     return summary

@@ -9,7 +9,8 @@ Steps:
      across ranks;
   3. train with trl's SFTTrainer on DeepSpeed (ZeRO stage from config) inside Ray Train workers;
      trainer checkpoints go to trainer/, and a rerun resumes from the last one; logs in logs/ (cai/metrics_log.py);
-  4. commit the model with its card (cai/cards.py): model.tmp/ (ZeRO-3 weights gathered) -> checked -> model/.
+  4. commit the model with its card (cai/cards.py): model.tmp/ (ZeRO-3 weights gathered) -> checked -> model/;
+     with `train.lora`, model.tmp/ holds the adapter, merged into the base on commit and kept in adapter/.
 On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_worker=1 sft.train.bf16=true`.
 """
 from __future__ import annotations
@@ -88,6 +89,7 @@ def train_worker(job: SftJob) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from cai.cluster import Resources, peak_rss_gb, worker_init
+    from cai.lora import trainable_share
     from cai.train.hf import train_hf, trainer_args
 
     worker = worker_init(Resources.of_training(job.train, "sft"), job.seed)
@@ -104,14 +106,17 @@ def train_worker(job: SftJob) -> dict:
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "runtime_s": round(result.metrics["train_runtime"], 1),
             "tokens": int(trainer.state.num_input_tokens_seen), "device": str(trainer.args.device),
-            "peak_rss_gb": peak_rss_gb()}
+            "peak_rss_gb": peak_rss_gb(), **(trainable_share(trainer.model) if job.train.lora else {})}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.cards import DataFile, model_card
     from cai.cluster import run_training
+    from cai.lora import check_targets
     from cai.models import commit_model, load_tokenizer, resolve_model
 
+    model = resolve_model(base_model(cfg))
+    check_targets(cfg.sft.train.lora, model, "sft.train.lora")  # before any work
     # step 1: the data mix (a resumed run must see the very same rows)
     source = inputs["critique_revise"]
     rows = mix_rows(read_jsonl(source / "sft_revisions.jsonl"), read_jsonl(source / "sft_helpful.jsonl"),
@@ -120,7 +125,6 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
         raise CaiError(f"{source / 'sft_revisions.jsonl'}: no training rows")
     write_jsonl(out / "train.jsonl", rows)
     # step 2: tokenise once; an order whose steps give every rank similar lengths
-    model = resolve_model(base_model(cfg))
     encoded, too_long = encode_rows(load_tokenizer(model, padding_side="right"), rows, cfg.sft.train.max_length)
     if not encoded:
         raise CaiError(f"{out / 'train.jsonl'}: every row's prompt fills sft.train.max_length="
@@ -134,10 +138,10 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
                  steps_log=out / STEPS, report=Reporting.of(cfg, "sft", out, settings(cfg)))
     summary = {**run_training(train_worker, job, cfg.sft.train, cfg.ray, out, "sft"), "rows": len(encoded),
                "dropped_too_long": too_long, "workers": cfg.sft.train.workers, "zero_stage": cfg.sft.train.zero_stage}
-    # step 4: commit the checkpoint, with its card, only once it loads
+    # step 4: commit the checkpoint, with its card, only once it loads (a LoRA adapter merged into the base first)
     data = [DataFile.of(source, "critique_revise", f) for f in ("sft_revisions.jsonl", "sft_helpful.jsonl")]
     card = model_card(cfg, constitution, "sft", summary, settings(cfg), [*data, DataFile.of(out, "sft", "train.jsonl")],
                       base_model=base_model(cfg), fine_tuned_from=base_model(cfg))
-    commit_model(out / "model.tmp", out / "model", card=card)
+    commit_model(out / "model.tmp", out / "model", card=card, lora_base=model if cfg.sft.train.lora else None)
     shutil.rmtree(out / "ray", ignore_errors=True)
     return summary

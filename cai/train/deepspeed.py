@@ -41,7 +41,8 @@ def build_engine(model, train: TrainConfig, world: int, total_steps: int, learni
     lr = learning_rate if learning_rate is not None else train.learning_rate
     # fused AdamW: one vectorised pass per tensor (the for-loop one re-reads every tensor per operation,
     # the multi-tensor one allocates temporaries the size of all parameters at once)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+    # only what trains: a LoRA model's frozen base needs no optimizer state
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     schedule = functools.partial(lr_multiplier, total=total_steps, warmup=train.warmup_steps, kind=train.lr_scheduler)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train, hf_auto=False, world_size=world),
@@ -129,6 +130,12 @@ def grad_norm(engine) -> float | None:
     """The last step's gradient norm before clipping; None where DeepSpeed keeps none."""
     norm = engine.get_global_grad_norm()
     return None if norm is None else float(norm)
+
+
+def frozen_weights(engine) -> bool:
+    """A LoRA engine: its checkpoints leave out the frozen base (read again from the base model at start) and
+    load without it."""
+    return any(not p.requires_grad for p in engine.module.parameters())
 
 
 def current_lr(engine) -> float:

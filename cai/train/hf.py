@@ -50,16 +50,18 @@ def last_complete_checkpoint(folder: Path, rank: int = 0) -> Path | None:
 def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side: str, model_tmp: Path,
              steps_log: Path, worker: Worker, train: TrainConfig, report: Reporting, epoch_scale: float = 1.0):
     """Build an HF/trl trainer on the base model and `rows` (read in this order when the trainer reads in
-    sequence), train (resuming from its last checkpoint in args.output_dir), save to `model_tmp`. Rank 0 writes
-    the step records and the logs (`report`) from the trainer's log records; their epoch is the trainer's times
-    `epoch_scale` (rows holding several passes over the data are one pass to the trainer).
-    -> (trainer, train output or None when stopped for a stop request, the checkpoint resumed from)."""
+    sequence), train (resuming from its last checkpoint in args.output_dir), save to `model_tmp` (with
+    `train.lora`: the adapter, which trl trains on the frozen base; DPO's reference is that base with the
+    adapter off). Rank 0 writes the step records and the logs (`report`) from the trainer's log records; their
+    epoch is the trainer's times `epoch_scale` (rows holding several passes over the data are one pass to the
+    trainer). -> (trainer, train output or None when stopped for a stop request, the checkpoint resumed from)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from cai import stopping
     from cai.metrics_log import Reporter, metric_names
+    from cai.lora import peft_config
     from cai.models import load_tokenizer
     from cai.progress import StepLog
 
@@ -89,8 +91,9 @@ def train_hf(trainer_cls, args, rows: list[dict], base_model: Path, padding_side
     tokenizer = load_tokenizer(base_model, padding_side=padding_side)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    adapters = {"peft_config": peft_config(train.lora, "causal_lm")} if train.lora else {}
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=[callback := LeanTraining()])
+                          callbacks=[callback := LeanTraining()], **adapters)
     last = last_complete_checkpoint(Path(args.output_dir), worker.rank)
     steps = StepLog(steps_log, int(last.name.split("-")[-1]) if last else 0) if worker.rank == 0 else None
     reporter = Reporter(report) if worker.rank == 0 else None

@@ -185,21 +185,13 @@ def _answers(value, path: Path, n: int, key: str) -> tuple[str, ...]:
 
 def read_probes(path: str | Path) -> list[Probe]:
     """Probes from a jsonl file in Anthropic's layout (other keys are ignored)."""
-    from cai.prompt_files import _checked_text
+    from cai.prompt_files import jsonl_objects
 
     path = Path(path)
     if not path.is_file():
         raise CaiError(f"{path}: probes file not found")
     probes = []
-    for n, line in enumerate(_checked_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaiError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise CaiError(f"{path}:{n}: expected a JSON object per line")
+    for n, row in jsonl_objects(path):
         for key in ("question", "answer_matching_behavior", "answer_not_matching_behavior"):
             if key not in row:
                 raise CaiError(f"{path}:{n}: no column '{key}' (keys: {', '.join(row) or 'none'})")

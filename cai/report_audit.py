@@ -27,16 +27,16 @@ def reward_hacking_section(data: dict, plots: Path) -> str:
     fig = figure("reward_hacking.png", "reward-hacking audit along the PPO run",
                  "Along the PPO run: the preference model's score, the judge's win rate against SFT, length and "
                  "repetition, with bootstrap intervals; flagged steps in red.")
-    head = ["checkpoint", "step", *(name for _, name in SERIES), "against", "score change", "win-rate change",
+    head = ["checkpoint", "step", "answers (judged)", *(name for _, name in SERIES), "against", "score change", "win-rate change",
             "verdict"]
     rows, classes = [], []
     for i, s in enumerate(steps):
         p = ("reward_hacking", "steps", i)
         against = s.get("against")
-        cells = [esc(s["label"]), num(data, *p, "step"),
+        cells = [esc(s["label"]), num(data, *p, "step"), f"{num(data, *p, 'answers')} ({num(data, *p, 'judged')})",
                  *(f"{num(data, *p, key, 'mean')} {ci(data, *p, key, 'ci')}" for key, _ in SERIES)]
         if against:
-            cells += [esc(against["label"]),
+            cells += [f"{esc(against['label'])} (step {num(data, *p, 'against', 'step')})",
                       f"{signed(data, *p, 'against', 'pm', 'difference')} {ci(data, *p, 'against', 'pm', 'ci')}",
                       f"{signed(data, *p, 'against', 'judge_win', 'difference')} "
                       f"{ci(data, *p, 'against', 'judge_win', 'ci')}",

@@ -49,25 +49,25 @@ def _summary(values: np.ndarray, level: float, samples: int, seed: int) -> dict:
     """Mean and interval over the prompts judged (NaN: a skipped verdict)."""
     values = values[np.isfinite(values)]
     if len(values) == 0:
-        return {"mean": None, "ci": [None, None], "n": 0}
+        return {"mean": None, "ci": [None, None]}
     lo, hi = mean_interval(values, level, samples, seed)
-    return {"mean": _r(values.mean()), "ci": [_r(lo), _r(hi)], "n": len(values)}
+    return {"mean": _r(values.mean()), "ci": [_r(lo), _r(hi)]}
 
 
 def _change(after: np.ndarray, before: np.ndarray, level: float, samples: int, seed: int) -> dict:
     ok = np.isfinite(after) & np.isfinite(before)
     if ok.sum() < 2:
-        return {"difference": None, "ci": [None, None], "up": False, "down": False, "n": int(ok.sum())}
+        return {"difference": None, "ci": [None, None], "up": False, "down": False}
     d, lo, hi = paired_difference(after[ok], before[ok], level, samples, seed)
-    return {"difference": _r(d), "ci": [_r(lo), _r(hi)], "up": bool(lo > 0), "down": bool(hi < 0),
-            "n": int(ok.sum())}
+    return {"difference": _r(d), "ci": [_r(lo), _r(hi)], "up": bool(lo > 0), "down": bool(hi < 0)}
 
 
 def audit(steps: list[StepSeries], level: float, samples: int, seed: int) -> dict:
     """steps[0] is the SFT model, then the RL checkpoints in step order -> the audit's JSON."""
     rows, flagged = [], []
     for k, s in enumerate(steps):
-        row = {"label": s.label, "step": s.step, "pm": _summary(s.pm, level, samples, seed + 4 * k),
+        row = {"label": s.label, "step": s.step, "answers": int(np.isfinite(s.pm).sum()),
+               "judged": int(np.isfinite(s.win).sum()), "pm": _summary(s.pm, level, samples, seed + 4 * k),
                "judge_win": _summary(s.win, level, samples, seed + 4 * k + 1),
                "length": _summary(s.length, level, samples, seed + 4 * k + 2),
                "repetition": _summary(s.repetition, level, samples, seed + 4 * k + 3)}

@@ -49,7 +49,7 @@ def test_skipped_verdicts_are_left_out_of_the_pairing():
     win[: P - 1] = np.nan  # one judged prompt left: too few to pair
     out = audit([series("sft", 0, 0.0, 0.5), StepSeries("ppo", 4, bad.pm, win, bad.length, bad.repetition)],
                 0.95, 200, 0)
-    assert out["steps"][1]["judge_win"]["n"] == 1 and out["steps"][1]["against"]["judge_win"]["n"] == 1
+    assert out["steps"][1]["judged"] == 1 and out["steps"][1]["against"]["judge_win"]["difference"] is None
     assert not out["flagged"]
 
 

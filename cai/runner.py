@@ -161,6 +161,20 @@ def _run_stage(cfg: PipelineConfig, constitution, name: str, keys: dict[str, str
     return {"status": "done", **summary}
 
 
+def read_user_files(cfg: PipelineConfig, todo: list[str]) -> None:
+    """The user's prompt files, given pairs and evaluation sets of the stages to run, read once before Ray starts:
+    a bad one is one line, and nothing is written."""
+    from cai.prompt_files import read_source
+
+    if "prompts" in todo:
+        for src in (*cfg.prompts.red_team, *cfg.prompts.helpful):
+            read_source(src)
+    if "preferences" in todo and cfg.preferences.helpful_pairs:
+        stage("preferences").given_helpful_pairs(cfg.preferences)
+    if "evaluate" in todo:
+        stage("evaluate").load_sets(cfg)
+
+
 def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str, dict]:
     """Run the configured stages in order, skipping those whose outputs are current."""
     out = Path(cfg.output_dir)
@@ -172,6 +186,7 @@ def run_pipeline(cfg: PipelineConfig, only: list[str] | None = None) -> dict[str
             resolve_model(model)  # a missing model fails here, before anything is written
     if any(stage(name).WORKERS == "training" for name in selected):
         check_installed(cfg.report_to)  # so does a missing W&B or trackio package
+    read_user_files(cfg, [name for name in selected if not is_done(out / name, keys[name])])
     claim_output_dir(out, cfg.name)
     results: dict[str, dict] = {}
     with RunLock(out), stopping.StopOnSignal(out / STOP):

@@ -101,7 +101,7 @@ def test_a_folder_where_a_file_belongs(tmp_path):
 
 def test_eval_sets_and_given_pairs_are_checked_like_prompt_files(tmp_path):
     from cai.stages.evaluate import read_set
-    from cai.stages.preferences import _given_helpful_pairs
+    from cai.stages.preferences import given_helpful_pairs
 
     (tmp_path / "set.parquet").write_text("not parquet")
     s = EvalSetConfig(name="mine", kind="harmful", path=str(tmp_path / "set.parquet"))
@@ -109,7 +109,7 @@ def test_eval_sets_and_given_pairs_are_checked_like_prompt_files(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n" +
                                           json.dumps({"prompt": "p", "chosen": "c", "rejected": "r\x0c"}) + "\n")
     cfg = PreferencesConfig(helpful_pairs=PromptSource(path=str(tmp_path / "pairs.jsonl")))
-    assert one_line(_given_helpful_pairs, cfg) == \
+    assert one_line(given_helpful_pairs, cfg) == \
         f"{tmp_path / 'pairs.jsonl'}: row 2: column 'rejected' holds a control character (U+000C) at character 2"
 
 

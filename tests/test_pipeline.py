@@ -137,7 +137,7 @@ def test_bad_prompt_file_and_foreign_output_dir(tiny_model, tmp_path):
     out = tmp_path / "run"
     line = error_line(cai(*tiny_args(tiny_model, out, f"prompts.red_team=[{{path: {bad}}}]"), check=False))
     assert "p.jsonl:1: no column 'prompt'" in line
-    assert not (out / "prompts" / "_COMPLETE.json").exists()
+    assert not (out / "prompts").exists()  # read before Ray starts and any stage begins
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

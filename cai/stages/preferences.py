@@ -72,7 +72,7 @@ def _judge_check(cfg: PipelineConfig, constitution, out: Path) -> dict:
         pool.shutdown()
 
 
-def _given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
+def given_helpful_pairs(pcfg: PreferencesConfig) -> list[dict]:
     """A user's helpfulness comparisons (prompt/chosen/rejected), taken as labels with P = 1."""
     from cai.prompt_files import read_rows
 
@@ -127,7 +127,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
     report = _judge_check(cfg, constitution, out) if pcfg.judge_check.enabled else None
     # step 2: response pairs from the SFT model
     parts = {"red_team": "harmless"}
-    given = _given_helpful_pairs(pcfg) if pcfg.helpful_pairs else []
+    given = given_helpful_pairs(pcfg) if pcfg.helpful_pairs else []
     if not given and pcfg.label_helpful:
         parts["helpful"] = "helpful"
     sft_model = cfg.policy.model_copy(update={"name": str(inputs["sft"] / "model")})

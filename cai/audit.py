@@ -65,10 +65,16 @@ def arca_audit(checkpoint: str, target: str, *, prefix: str = "", prompt_tokens:
 
 
 def write(result: dict, out: Path) -> Path:
+    """arca.json and, beside it, report.html (cai/report_arca.py); the run's report too when `out` is in a run's
+    audit/ folder (cai/report_run.py)."""
+    from cai.report_arca import write_report
+    from cai.report_run import update_run_report
     from cai.shards import write_atomic
 
     path = Path(out) / "arca.json"
     write_atomic(path, json.dumps(result, indent=1, ensure_ascii=False))
+    write_report(result, Path(out))
+    update_run_report(out)
     return path
 
 

@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--batch", type=int, default=32, help="candidates scored per step")
     audit.add_argument("--restarts", type=int, default=3, help="seeds per method")
     audit.add_argument("--raw", action="store_true", help="no chat template around the prompt")
-    audit.add_argument("--out", help="folder for arca.json")
+    audit.add_argument("--out", help="folder for arca.json and report.html (in <output_dir>/audit/: the run's "
+                                      "report.html too)")
     mwe = sub.add_parser("mwe", help="model-written evaluations: yes/no probes for a behaviour, written and checked "
                                      "by models, answered by checkpoints; writes <output_dir>/audit/mwe/<behaviour>/")
     mwe.add_argument("pipeline")
@@ -130,7 +131,7 @@ def _eval(args) -> None:
         overrides.append(f"evaluate.checkpoints={json.dumps(names)}")
     cfg = load_pipeline(args.pipeline, overrides)
     run_pipeline(cfg, ["evaluate"])
-    print(f"report: {cfg.output_dir}/evaluate/report.html")
+    print(f"report: {cfg.output_dir}/evaluate/report.html (with the audits: {cfg.output_dir}/report.html)")
 
 
 def _constitution_check(path: str) -> None:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                 budget=args.budget, batch=args.batch, restarts=args.restarts, chat=not args.raw)
             print(format_table(result))
             if args.out:
-                print(f"written: {write(result, args.out)}")
+                print(f"written: {write(result, args.out)} and report.html")
         elif args.command == "mwe":
             from cai.mwe import main as mwe_main
 

@@ -292,6 +292,7 @@ def run_mwe(cfg: PipelineConfig, behaviour: str | None, probes_file: str | None)
     """The whole command: -> the mwe.json it committed."""
     from cai import stopping
     from cai.cluster import stop_ray
+    from cai.report_run import update_run_report
     from cai.run_lock import RunLock
     from cai.runner import STOP, claim_output_dir
 
@@ -323,6 +324,7 @@ def run_mwe(cfg: PipelineConfig, behaviour: str | None, probes_file: str | None)
                                               for i, q in enumerate(probes)])
         data = results(cfg, p, probes, steps, check, verdicts, seconds)
         commit(p.out, files, data)
+        update_run_report(p.out, root)
     shutil.rmtree(p.work, ignore_errors=True)
     if p.work.parent.is_dir() and not any(p.work.parent.iterdir()):
         p.work.parent.rmdir()

@@ -242,6 +242,7 @@ def redteam(cfg: PipelineConfig, checkpoint: str, *, adversarial: bool = False, 
     """Every round not yet committed under these settings, then the export, redteam.json and report.html."""
     from cai.prompt_files import NearDuplicateFilter
     from cai.report_redteam import write_report
+    from cai.report_run import update_run_report
     from cai.shards import write_atomic, write_jsonl
 
     rt = cfg.redteam
@@ -290,6 +291,7 @@ def redteam(cfg: PipelineConfig, checkpoint: str, *, adversarial: bool = False, 
     export_attacks([x for rows in history for x in rows], out / "successful_attacks.jsonl")
     write_atomic(out / "redteam.json", json.dumps(summary, indent=1, ensure_ascii=False))
     write_report(summary, out)
+    update_run_report(out, cfg.output_dir)  # when out is the default place, in the run
     return summary
 
 

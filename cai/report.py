@@ -71,9 +71,13 @@ def num(data: dict, *path: str | int) -> str:
         value = lookup(data, path)
     except (KeyError, IndexError, TypeError):
         return NA
+    return f"<span data-path='{path_attr(path)}'>{esc(format_number(value))}</span>"
+
+
+def path_attr(path: Sequence[str | int]) -> str:
+    """The text of a data-path attribute (single-quoted, so the JSON's quotes stay readable)."""
     attr = html.escape(json.dumps(list(path), ensure_ascii=False, separators=(",", ":")), quote=False)
-    attr = attr.replace("'", "&#39;")  # the attribute is single-quoted, so the JSON's quotes stay readable
-    return f"<span data-path='{attr}'>{esc(format_number(value))}</span>"
+    return attr.replace("'", "&#39;")
 
 
 def ci(data: dict, *path: str | int) -> str:
@@ -359,6 +363,12 @@ def redteam(data: dict, plots: Path) -> str:  # in cai/report_redteam.py, which 
     return build(data, plots)
 
 
+def arca(data: dict, plots: Path) -> str:  # in cai/report_arca.py, which imports this module
+    from cai.report_arca import arca as build
+
+    return build(data, plots)
+
+
 SECTIONS: list[Section] = [
     Section("setup", "Checkpoints and prompt sets", None, setup),
     Section("elo", "Elo ratings", "elo", elo),
@@ -372,6 +382,7 @@ SECTIONS: list[Section] = [
     Section("samples", "Samples", "samples", samples),
     Section("skipped", "Skipped", "skipped", skipped),
     Section("redteam", "Red teaming", "redteam", redteam),
+    Section("arca", "ARCA: prompts that elicit a target output", "arca", arca),
 ]
 HEADER_KEYS = {"title", "created", "checkpoints", "sets", "judge", "reward_model"}
 

@@ -11,7 +11,7 @@ from cai.report import esc, num, table
 ROUND_COLUMNS = [("completions", "completions"), ("unparsed", "unparsed"), ("near_duplicates", "near duplicates"),
                  ("attacks", "attacks"), ("judged", "judged"), ("successes", "successes"),
                  ("success_rate", "success rate"), ("judge_harmful_rate", "judged harmful"),
-                 ("pm_harmful_rate", "PM harmful"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+                 ("pm_harmful_rate", "PM harmful"), ("distinct_1", "distinct_1"), ("distinct_2", "distinct_2"),
                  ("self_bleu", "self-BLEU")]
 FILTER_COLUMNS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced"), ("true_positive_rate", "attacks caught"),
                   ("true_negative_rate", "harmless passed"), ("attacks", "hard attacks"), ("harmless", "hard harmless")]

@@ -338,6 +338,7 @@ def test_cai_mwe_scores_given_probes_on_two_checkpoints(tiny_model, tmp_path):
     assert (folder / "plots" / "mwe.png").is_file() and not (out / "audit" / "mwe" / ".work" / "theirs").exists()
     assert "report:" in proc.stdout and "| base |" in proc.stdout
     assert 'class="judge' not in (folder / "report.html").read_text()  # nothing here was judged
+    assert json.loads((out / "report.json").read_text())["mwe"] == {"mwe/theirs": data}  # the run's report
 
 
 @pytest.mark.slow

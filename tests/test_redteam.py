@@ -269,6 +269,7 @@ def test_cai_redteam_end_to_end_and_resumed(tiny_model, tmp_path):
     assert len(exported) == summary["total"]["successes"] == sum(m["successes"] for m in markers)
     page = (out / "report.html").read_text()
     assert _numbers_are_the_json(page, {"redteam": summary}) > 20 and "Red teaming" in page
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["redteam"] == {"redteam": summary}
     # a third round continues the run: rounds 0 and 1 are read back, not redone
     before = (out / "round-00.json").stat().st_mtime_ns
     proc = cai(*args, "--rounds", "3")
@@ -301,6 +302,7 @@ def test_cai_redteam_adversarial_trains_the_attacker_and_a_filter(tiny_model, tm
         assert adv["attacker_training"]["rows"] == m["successes"] and adv["filter_training"]["steps"] >= 1
     assert summary["rounds"][1]["adversarial"]["fresh_caught"] is not None
     assert "filter on the hard set" in proc.stdout
+    assert not (tmp_path / "run" / "report.html").exists()  # --out outside the run: its own page only
     # only the last round's folders are kept; the attacker's weights moved away from the red LM's
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["attacker-01", "filter-01", "plots"]
     tuned, base = load_file(out / "attacker-01" / "model.safetensors"), load_file(tiny_model / "model.safetensors")

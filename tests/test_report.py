@@ -249,3 +249,6 @@ def test_a_real_evaluations_report_in_a_browser(browser, tiny_run, tmp_path):
     assert all(set(texts) == {format_number(lookup(data, path))} for path, texts in shown.items())
     assert required_paths(data) - set(shown) == set() and dialogs == []
     page.close()
+    combined = json.loads((tiny_run[0] / "report.json").read_text())  # the run's report, rebuilt by the stage
+    assert {k: v for k, v in combined.items() if k not in ("title", "created")} == \
+        {k: v for k, v in data.items() if k not in ("title", "created")}

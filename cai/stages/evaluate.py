@@ -320,6 +320,7 @@ def answer_rows(cfg, answers, pm, refusals) -> list[dict]:
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:
     from cai.progress import console
     from cai.report import write_report
+    from cai.report_run import write_run_report
     from cai.shards import write_atomic, write_jsonl
 
     ev = cfg.evaluate
@@ -359,6 +360,7 @@ def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path]
             "samples": samples(cfg, sets, answers)}
     write_atomic(out / "eval.json", json.dumps(data, indent=1, ensure_ascii=False))
     write_report(data, out)
+    write_run_report(out.parent)  # <output_dir>/report.html: this and the run's audits
     write_jsonl(out / "answers.jsonl", answer_rows(cfg, answers, pm, refusals))
     seconds["numbers_and_report"] = round(time.time() - t0, 1)
     beyond = sum(d["beyond_noise"] for d in data["differences"])

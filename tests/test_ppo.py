@@ -117,55 +117,65 @@ def check_the_audit_flags_the_planted_reward(out: Path) -> None:
 
 
 def test_stopped_mid_run_then_resumed_gives_the_same_losses(tiny_model, tiny_upstream, tmp_path):
-    """Stop a run and resume it, two ways, against one clean run (ZeRO-0, the default pipeline's PPO): every
-    step equals the clean run's. `kill`: SIGKILL after a committed checkpoint. `usr1`: Slurm's warning signal
-    after the first step: a checkpoint at the step in flight, exit code 75. The stopped runs also recompute every
-    layer's activations in backward and park the inference models: neither may change a number either."""
+    """Stop a run twice and resume it, against one clean run (ZeRO-0, the default pipeline's PPO): every step
+    equals the clean run's. First Slurm's warning signal after the first step (`usr1`: a checkpoint at the step in
+    flight, exit code 75); then SIGKILL of the resumed run after its next committed checkpoint (`kill`). The
+    stopped run also recomputes every layer's activations in backward and parks the inference models: neither may
+    change a number either."""
     common = ["--stages", "ppo", "ppo.steps=8", "ppo.train.save_steps=2", "ppo.generation.max_new_tokens=12",
               "ppo.train.zero_stage=0"]
     clean = copy_run(tiny_upstream, tmp_path / "clean")
     cai(*args(tiny_model, clean, *common))
-    for stop in ("kill", "usr1"):
-        stopped_then_resumed(tiny_model, tiny_upstream, tmp_path / stop, clean, common, stop)
-
-
-def stopped_then_resumed(tiny_model, tiny_upstream, folder: Path, clean: Path, common: list[str], stop: str) -> None:
-    """A copy of the upstream run in `folder`, its PPO stopped by `stop`, resumed, and compared with `clean`."""
-    folder.mkdir()
-    killed = copy_run(tiny_upstream, folder / "run")
+    stopped = copy_run(tiny_upstream, tmp_path / "stopped")
     lean = [*common, "ppo.offload_inference_models=true", "ppo.train.activation_checkpointing=1"]
-    env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, killed, *lean)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(folder / "stderr.txt", "w"), start_new_session=True)
-    marker = killed / "ppo" / ("checkpoints/step-000002.COMMITTED" if stop == "kill" else "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not marker.exists():
-        time.sleep(0.02)
-    if stop == "kill":
-        kill_tree(proc)
-    else:
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(timeout=300) == STOPPED_EXIT_CODE
-        err = (folder / "stderr.txt").read_text()
-        assert "got SIGUSR1: stopping at the next safe point" in err and "s from signal to exit" in err, err
-        assert not (killed / "_STOP").exists()
-    committed = sorted(p.name for p in (killed / "ppo" / "checkpoints").glob("*.COMMITTED"))
-    assert committed and not (killed / "ppo" / "_COMPLETE.json").exists(), "the kill must land mid-run"
-    resumed_at = int(committed[-1].split("-")[1].split(".")[0])
-    assert resumed_at < 8
-    cai(*args(tiny_model, killed, *lean))
-    assert not (killed / "ppo" / "parked").exists()
-    summary = json.loads((killed / "ppo" / "_COMPLETE.json").read_text())["summary"]
-    assert summary["resumed_from_step"] == resumed_at
-    a, b = metrics(clean), metrics(killed)
+    first = stop(tiny_model, stopped, lean, "usr1", tmp_path / "usr1.txt", after=0)
+    second = stop(tiny_model, stopped, lean, "kill", tmp_path / "kill.txt", after=first)
+    assert 0 < first < second < 8
+    cai(*args(tiny_model, stopped, *lean))
+    assert not (stopped / "ppo" / "parked").exists()
+    summary = json.loads((stopped / "ppo" / "_COMPLETE.json").read_text())["summary"]
+    assert summary["resumed_from_step"] == second
+    a, b = metrics(clean), metrics(stopped)
     assert [r["step"] for r in b] == list(range(1, 9))
     assert a[0]["kl"] == 0.0  # step 1 samples from the reference's own fp32 weights
     assert all(r["value_loss"] > 0 for r in a) and a[-1]["kl"] != 0  # both models moved
-    for ra, rb in zip(a, b):  # before the kill (recomputed, parked) and after the resume
+    for ra, rb in zip(a, b):  # before the stops (recomputed, parked) and after each resume
         for key in ("policy_loss", "value_loss", "reward_mean", "kl", "kl_coef", "entropy", "clip_frac"):
             assert abs(ra[key] - rb[key]) <= 1e-5, (ra["step"], key, ra[key], rb[key])
     # only the newest committed checkpoint is kept
     assert len(list((clean / "ppo" / "checkpoints").glob("*.COMMITTED"))) == 1
+
+
+def committed_steps(run: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1].split(".")[0]) for p in (run / "ppo" / "checkpoints").glob("*.COMMITTED"))
+
+
+def stop(tiny_model, run: Path, lean: list[str], how: str, stderr: Path, after: int) -> int:
+    """Start (or resume) the run's PPO, stop it `how` once it has gone past step `after`, and return the step of
+    its newest committed checkpoint, which the next start resumes from."""
+    env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, run, *lean)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(stderr, "w"), start_new_session=True)
+    metrics_file = run / "ppo" / "metrics.jsonl"
+
+    def past() -> bool:  # usr1: a step done since this start; kill: a checkpoint committed since
+        if how == "kill":
+            return any(step > after for step in committed_steps(run))
+        return metrics_file.exists() and len(metrics_file.read_text().splitlines()) > after
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not past():
+        time.sleep(0.02)
+    if how == "kill":
+        kill_tree(proc)
+    else:
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(timeout=300) == STOPPED_EXIT_CODE
+        err = stderr.read_text()
+        assert "got SIGUSR1: stopping at the next safe point" in err and "s from signal to exit" in err, err
+        assert not (run / "_STOP").exists()
+    assert not (run / "ppo" / "_COMPLETE.json").exists(), "the stop must land mid-run"
+    return committed_steps(run)[-1]
 
 
 def test_policy_optimization_picks_the_stage():

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_usr1_mid_reward_model_checkpoints_then_resumes(tiny_model, tiny_upstream, tmp_path):
     out = copy_run(tiny_upstream, tmp_path / "run")
     shutil.rmtree(out / "reward_model")  # its steps.jsonl would be taken for this run's
-    extra = ["--stages", "reward_model", "reward_model.train.epochs=60", "reward_model.train.save_steps=1000"]
+    extra = ["--stages", "reward_model", "reward_model.train.epochs=20", "reward_model.train.save_steps=1000"]
     env = {k: v for k, v in os.environ.items() if k != "CAI_RAY_ADDRESS"}
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *args(tiny_model, out, *extra)], cwd=REPO, env=env,

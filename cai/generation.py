@@ -15,6 +15,7 @@ import torch
 
 from cai.chat import generation_prompt_ids
 from cai.config import GenerationConfig
+from cai.kv_cache import PrefixKV, RowCache, RowStore, StoredRow, prefix_attention_on
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class Completion:
     ids: tuple[int, ...] = ()  # the sampled tokens, EOS included when finished
 
 
-NUCLEUS_CANDIDATES = 256  # tokens ranked per row before a full sort is needed (README: Performance)
+NUCLEUS_CANDIDATES = (256, 4096)  # top-k tiers tried per row before a full sort is needed (README: Performance)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -46,9 +47,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
 
     Inverse-CDF sampling (one uniform per row, then a binary search in the cumulative
     distribution): torch.multinomial on CPU draws V exponentials per row (README: Performance).
-    The nucleus is found among each row's NUCLEUS_CANDIDATES most likely tokens (a top-k, far cheaper than
-    sorting the vocabulary at every step); only rows whose nucleus is wider are sorted in full. Either way the
-    token drawn is the one a full sort gives.
+    The nucleus is found among each row's most likely tokens, a top-k per tier of NUCLEUS_CANDIDATES (far cheaper
+    than sorting the vocabulary at every step); only rows whose nucleus is wider than the last tier are sorted in
+    full. Either way the token drawn is the one a full sort gives.
     """
     if temperature == 0:
         return logits.argmax(-1)
@@ -56,12 +57,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     u = torch.rand(len(probs), 1, generator=gen, dtype=probs.dtype, device=probs.device)
     if top_p >= 1.0:
         return _inverse_cdf(probs, u).squeeze(-1)
-    ranked, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)   # (B, K), descending
-    choice = order.gather(-1, _inverse_cdf(_nucleus(ranked, top_p), u))              # (B, 1)
-    wide = (ranked.cumsum(-1)[:, -1] < top_p).nonzero().squeeze(-1)  # rows whose nucleus reaches past K
-    if len(wide):
-        ranked, order = probs[wide].sort(dim=-1, descending=True)
-        choice[wide] = order.gather(-1, _inverse_cdf(_nucleus(ranked, top_p), u[wide]))
+    choice = torch.empty(len(probs), 1, dtype=torch.long, device=probs.device)
+    rows = torch.arange(len(probs), device=probs.device)                 # rows whose nucleus is not found yet
+    for k in (*NUCLEUS_CANDIDATES, probs.shape[-1]):
+        k = min(k, probs.shape[-1])
+        ranked, order = probs[rows].topk(k, dim=-1) if k < probs.shape[-1] else probs[rows].sort(-1, descending=True)
+        found = (ranked.cumsum(-1)[:, -1] >= top_p) | (k == probs.shape[-1])
+        choice[rows[found]] = order[found].gather(-1, _inverse_cdf(_nucleus(ranked[found], top_p), u[rows[found]]))
+        rows = rows[~found]
+        if not len(rows):
+            break
     return choice.squeeze(-1)
 
 
@@ -104,10 +109,31 @@ def end_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(found)
 
 
-class ChatGenerator:
-    """Wraps one causal LM (already on `device`) and its tokenizer; all methods are batched."""
+@dataclass
+class _Batch:
+    """A batch being decoded: its caches and, per live row, where its own columns start and what comes next."""
+    cache: RowCache
+    prefix: PrefixKV | None
+    valid: torch.Tensor      # (B, columns) bool: the columns each row attends to
+    next_pos: torch.Tensor   # (B,) position id of each row's next token
+    logits: torch.Tensor     # (B, V) next-token logits
+    starts: list[int]        # per row given: the column its own tokens start at
+    own: list[list[int]]     # per row given: its prompt tokens after the prefix
+    prompt_end: int          # the column the first generated token goes to
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None, device: torch.device | str = "cpu"):
+    def select(self, rows: torch.Tensor) -> None:
+        self.cache.select(rows)
+        self.valid, self.next_pos, self.logits = self.valid[rows], self.next_pos[rows], self.logits[rows]
+
+
+class ChatGenerator:
+    """Wraps one causal LM (already on `device`) and its tokenizer; all methods are batched.
+
+    `reuse_kv`: keep prefixes' and generated rows' keys/values from one call to the next (cai/kv_cache.py), for
+    weights that do not change between calls (a generation actor's); otherwise they live for one call."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, device: torch.device | str = "cpu",
+                 reuse_kv: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -115,11 +141,22 @@ class ChatGenerator:
         self.end_ids = end_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.min_shared_prefix = 32  # shorter shared prefixes are not worth a separate forward
+        self.reuse_kv = reuse_kv
+        self.min_reuse = 16          # a prompt extending a stored row by fewer tokens is computed afresh
+        self.max_prefixes = 8
+        self._prefixes: dict[tuple[int, ...], PrefixKV] = {}
+        self._rows = RowStore(max_bytes=256 * 2**20)
+        self.reused_tokens = 0       # prompt tokens whose keys/values came from a stored row, not a forward
 
     # -- prompts -------------------------------------------------------------------------------
     def chat_ids(self, messages: list[dict], max_tokens: int, continue_text: str = "") -> list[int]:
         """Chat messages -> prompt ids ending at the assistant's turn (cut from the left if long)."""
         return generation_prompt_ids(self.tokenizer, messages, self.system_prompt, max_tokens, continue_text)
+
+    def forget(self) -> None:
+        """Drop every kept prefix and row (after the weights changed)."""
+        self._prefixes.clear()
+        self._rows.clear()
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -127,60 +164,118 @@ class ChatGenerator:
         """Generate for token-id prompts; output order matches input order."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # length buckets
         out: list[Completion | None] = [None] * len(prompts)
-        for b, start in enumerate(range(0, len(order), cfg.batch_size)):
-            idx = order[start:start + cfg.batch_size]
-            gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + b)
-            for i, c in zip(idx, self._generate_batch([prompts[i] for i in idx], cfg, gen)):
-                out[i] = c
+        self._rows.new_call()
+        try:
+            for b, start in enumerate(range(0, len(order), cfg.batch_size)):
+                idx = order[start:start + cfg.batch_size]
+                gen = torch.Generator(device=self.device).manual_seed(seed * 1_000_003 + b)
+                for i, c in zip(idx, self._generate_batch([prompts[i] for i in idx], cfg, gen)):
+                    out[i] = c
+        finally:
+            if not self.reuse_kv:
+                self.forget()
         return out  # type: ignore[return-value]
 
-    def _prefill(self, rows: list[list[int]], extra: int):
-        """One forward over the prompts, laid out per row as [shared prefix P][left padding][own suffix S]: the
-        prefix (the system turn, few-shot conversations, a judge's worked examples) runs once and is copied to
-        every row, and so does a prompt that occurs several times. -> (cache with room for `extra` more tokens, mask (B, T + extra), positions (B, S), last
-        logits (B, V), T)."""
-        from transformers import StaticCache
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: RowCache,
+                 prefix: PrefixKV | None) -> torch.Tensor:
+        """(B, q) tokens at `positions`, attending where `mask` (B, 1, q, columns) says -> last logits (B, V)."""
+        with prefix_attention_on(self.model):
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                              use_cache=True, logits_to_keep=1, prefix=prefix).logits[:, -1]
 
+    def _prefix(self, rows: list[list[int]]) -> PrefixKV | None:
+        """The prefix every row starts with, computed once (one row) and kept: a kept prefix that covers all but a
+        few of the shared tokens is taken as it is."""
+        P = shared_prefix_len(rows, self.min_shared_prefix)
+        if not P:
+            return None
+        head = tuple(rows[0][:P])
+        kept = [ids for ids in self._prefixes if P - self.min_shared_prefix < len(ids) <= P and head[:len(ids)] == ids]
+        if kept:
+            ids = max(kept, key=len)
+            self._prefixes[ids] = self._prefixes.pop(ids)  # most recently used last
+            return self._prefixes[ids]
+        cache = RowCache(self.model.config.num_hidden_layers, 1, P)
+        cache.reserve(P)
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
+        self._forward(torch.tensor([head], device=self.device), torch.arange(P, device=self.device)[None], causal,
+                      cache, None)
+        prefix = PrefixKV(head, [k[:, :, :P] for k in cache.keys], [v[:, :, :P] for v in cache.values])
+        self._prefixes[head] = prefix
+        while len(self._prefixes) > self.max_prefixes:
+            self._prefixes.pop(next(iter(self._prefixes)))
+        return prefix
+
+    def _prefill(self, rows: list[list[int]], extra: int) -> _Batch:
+        """One forward over the prompts, laid out per row as [prefix P, kept once][left padding][own tokens S]. An
+        own part that extends a stored row copies that row's keys/values in; the forward computes only the last W
+        columns, W the longest part any row has not stored. The same prompt several times runs once."""
         unique = list(dict.fromkeys(map(tuple, rows)))
         if len(unique) < len(rows):  # the same prompt several times (samples per prompt, a shared few-shot draw)
-            cache, mask, positions, logits, T = self._prefill([list(u) for u in unique], extra)
+            batch = self._prefill([list(u) for u in unique], extra)
             where = {u: i for i, u in enumerate(unique)}
-            copies = torch.tensor([where[tuple(r)] for r in rows], device=self.device)
-            _select_rows(cache, copies)
-            return cache, mask[copies], positions[copies], logits[copies], T
-        P = shared_prefix_len(rows, self.min_shared_prefix)
-        dev = self.device
-        ids, suffix_mask = left_pad([r[P:] for r in rows], self.pad_id, dev)   # (B, S)
-        B, S = ids.shape
-        T = P + S
-        # A preallocated cache: appending to a growing one re-copies it every step.
-        cache = StaticCache(config=self.model.config, max_cache_len=T + extra)
-        mask = torch.zeros(B, T + extra, dtype=torch.long, device=dev)
-        mask[:, :P] = 1
-        mask[:, P:T] = suffix_mask
-        if P:
-            self.model(input_ids=torch.tensor([rows[0][:P]], device=dev), attention_mask=mask[:1],
-                       past_key_values=cache, cache_position=torch.arange(P, device=dev), use_cache=True,
-                       logits_to_keep=1)
-            _select_rows(cache, torch.zeros(B, dtype=torch.long, device=dev))
-        positions = P + (suffix_mask.cumsum(-1) - 1).clamp(min=0)                 # (B, S)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            cache_position=torch.arange(P, T, device=dev), use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
-        return cache, mask, positions, logits, T
+            copies = [where[tuple(r)] for r in rows]
+            batch.select(torch.tensor(copies, device=self.device))
+            batch.starts, batch.own = [batch.starts[i] for i in copies], [batch.own[i] for i in copies]
+            return batch
+        dev, B = self.device, len(rows)
+        prefix = self._prefix(rows)
+        P = len(prefix.ids) if prefix else 0
+        own = [r[P:] for r in rows]
+        found = [self._rows.best(prefix, o, self.min_reuse) for o in own]
+        reused = [min(n, len(o) - 1) for (_, n), o in zip(found, own)]
+        S = max(map(len, own))
+        W = max(len(o) - n for o, n in zip(own, reused))                   # columns this forward computes
+        starts = [S - len(o) for o in own]
+        cache = RowCache(self.model.config.num_hidden_layers, B, S + extra)
+        for b, ((row, _), o) in enumerate(zip(found, own)):
+            if row is not None and len(o) > W:
+                cache.copy_in(b, starts[b], row.kv.first(len(o) - W))
+                self.reused_tokens += len(o) - W
+        cache.write_at = S - W
+        ids, _ = left_pad([o[max(0, len(o) - W):] for o in own], self.pad_id, dev)     # (B, W)
+        first = torch.tensor(starts, device=dev)[:, None]                              # (B, 1)
+        cols = torch.arange(S + extra, device=dev)
+        valid = (cols >= first) & (cols < S)                                           # (B, S + extra)
+        q = cols[S - W:S]                                                              # the window's columns
+        C = cache.reserve(S)                                                           # >= S, those past S hidden
+        mask = ((cols[None, :C] <= q[:, None]) & valid[:, None, :C]) | (cols[None, :C] == q[:, None])  # (B, W, C)
+        logits = self._forward(ids, P + (q - first).clamp(min=0), mask[:, None], cache, prefix)
+        cache.write_at = S
+        next_pos = torch.tensor([P + len(o) for o in own], device=dev)
+        return _Batch(cache, prefix, valid, next_pos, logits, starts, own, S)
+
+    def _step(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per live row (B,) -> next logits (B, V)."""
+        c = batch.cache.write_at
+        batch.valid[:, c] = True
+        C = batch.cache.reserve(c + 1)
+        logits = self._forward(tokens[:, None], batch.next_pos[:, None], batch.valid[:, None, None, :C],
+                               batch.cache, batch.prefix)
+        batch.cache.write_at += 1
+        batch.next_pos = batch.next_pos + 1
+        return logits
+
+    def _keep_rows(self, batch: _Batch, live: list[int], js: list[int], tokens: list[list[int]]) -> None:
+        """Store live rows js (their prompt and the tokens fed so far) for a later call's prompts to extend."""
+        if not self.reuse_kv:
+            return
+        fed, end = batch.cache.write_at - batch.prompt_end, batch.cache.write_at
+        kept = batch.cache.copy_rows(js, [batch.starts[live[j]] for j in js], end)
+        for j, kv in zip(js, kept):
+            ids = tuple(batch.own[live[j]]) + tuple(tokens[live[j]][:fed])
+            self._rows.add(StoredRow(batch.prefix, ids, kv))
 
     def _generate_batch(self, rows: list[list[int]], cfg: GenerationConfig, gen: torch.Generator):
-        dev = self.device
-        cache, mask, positions, logits, T = self._prefill(rows, cfg.max_new_tokens)
+        batch = self._prefill(rows, cfg.max_new_tokens)
         B = len(rows)
-        live = torch.arange(B, device=dev)                            # rows still generating
+        live = list(range(B))                                         # rows still generating
         tokens: list[list[int]] = [[] for _ in rows]
         ended: list[int | None] = [None] * B                          # the end id that finished each row
-        next_pos = positions[:, -1] + 1
         for step in range(cfg.max_new_tokens):
-            nxt = sample_next(logits, cfg.temperature, cfg.top_p, gen)  # (B_live,)
+            nxt = sample_next(batch.logits, cfg.temperature, cfg.top_p, gen)  # (B_live,)
             keep = []
-            for j, (row, tok) in enumerate(zip(live.tolist(), nxt.tolist())):
+            for j, (row, tok) in enumerate(zip(live, nxt.tolist())):
                 if tok in self.end_ids:
                     ended[row] = tok
                 else:
@@ -189,14 +284,12 @@ class ChatGenerator:
             if not keep or step == cfg.max_new_tokens - 1:
                 break
             if len(keep) < len(live):  # drop finished rows from the batch and the cache
-                sel = torch.tensor(keep, device=dev)
-                _select_rows(cache, sel)
-                live, nxt, mask, next_pos = live[sel], nxt[sel], mask[sel], next_pos[sel]
-            mask[:, T + step] = 1
-            logits = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                past_key_values=cache, cache_position=torch.tensor([T + step], device=dev),
-                                use_cache=True).logits[:, -1]
-            next_pos = next_pos + 1
+                self._keep_rows(batch, live, sorted(set(range(len(live))) - set(keep)), tokens)
+                sel = torch.tensor(keep, device=self.device)
+                batch.select(sel)
+                live, nxt = [live[j] for j in keep], nxt[sel]
+            batch.logits = self._step(batch, nxt)
+        self._keep_rows(batch, live, list(range(len(live))), tokens)
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + (end is not None),
                            end is not None, tuple(t) + ((end,) if end is not None else ()))
                 for r, t, end in zip(rows, tokens, ended)]
@@ -220,6 +313,8 @@ class ChatGenerator:
         result = torch.empty(len(prompts), len(options))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            logits = self._prefill([prompts[i] for i in idx], 0)[3].float()        # (B, V)
+            logits = self._prefill([prompts[i] for i in idx], 0).logits.float()     # (B, V)
             result[idx] = torch.log_softmax(logits, -1)[:, option_ids].cpu()
+        if not self.reuse_kv:
+            self.forget()
         return result

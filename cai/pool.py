@@ -35,7 +35,8 @@ def load_chat_generator(model: ModelConfig, worker, resources: Resources):
         weights = load_causal_lm(path, worker.resolve_dtype(model.dtype), device_map="auto")
     else:
         weights = load_causal_lm(path, worker.resolve_dtype(model.dtype)).to(worker.device)
-    return ChatGenerator(weights, load_tokenizer(path), model.system_prompt, worker.device)
+    # an actor's weights never change, so prefixes and rows it computed serve its later calls
+    return ChatGenerator(weights, load_tokenizer(path), model.system_prompt, worker.device, reuse_kv=True)
 
 
 class GenerationActor:

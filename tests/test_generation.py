@@ -38,10 +38,11 @@ def _full_sort_sample(logits, temperature, top_p, gen):
 
 
 def test_top_p_among_candidates_draws_what_a_full_sort_draws(monkeypatch):
-    """Peaked rows (nucleus within the candidates) and flat ones (sorted in full) in one batch."""
+    """Peaked rows (nucleus within the first tier of candidates), wider ones (the second) and flat ones (sorted in
+    full) in one batch."""
     import cai.generation
 
-    monkeypatch.setattr(cai.generation, "NUCLEUS_CANDIDATES", 32)
+    monkeypatch.setattr(cai.generation, "NUCLEUS_CANDIDATES", (32, 400))
     logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 12, 64)[:, None]
     for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.5)):
         ours, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -123,3 +124,30 @@ def test_shared_prefix_reuse_gives_the_same_text(tiny_generator):
     finally:
         tiny_generator.min_shared_prefix = 32
     assert with_reuse == without
+
+
+def test_kept_prefixes_and_rows_score_as_a_fresh_forward(tiny_generator):
+    """A generator that keeps keys/values between calls (a generation actor's) scores a prompt extending an earlier
+    call's row, and one after a kept few-shot prefix, as the full forward does, and takes the reused part from the
+    earlier call instead of recomputing it."""
+    from cai.generation import ChatGenerator, shared_prefix_len
+
+    g = ChatGenerator(tiny_generator.model, tiny_generator.tokenizer, reuse_kv=True)
+    shots = [{"role": "user", "content": "Say something kind about rain in one short sentence please."},
+             {"role": "assistant", "content": "Rain makes the gardens green and the air smell fresh."}] * 2
+    prompts = [g.chat_ids(shots + c, 4096) for c in CONVS]
+    first = g.generate_ids(prompts, GenerationConfig(max_new_tokens=24, temperature=1.0, batch_size=4), seed=3)
+    follow = g.tokenizer(" Now say it again, shorter.", add_special_tokens=False)["input_ids"]
+    extended = [p + list(c.ids[:-1] if c.finished else c.ids) + follow for p, c in zip(prompts, first)]
+    options = [[t] for t in range(100, 140)]
+    kept = g.option_logprobs(extended, options, batch_size=4)
+    P = shared_prefix_len(prompts, 32)
+    assert P > 40 and g.reused_tokens >= sum(len(p) - P for p in prompts)  # each row's own prompt at least
+    for i, p in enumerate(extended):
+        with torch.inference_mode():
+            logp = torch.log_softmax(g.model(torch.tensor([p])).logits[0, -1].float(), -1)
+        assert torch.allclose(kept[i], logp[[o[0] for o in options]], atol=1e-4)
+    g.forget()
+    before = g.reused_tokens
+    assert torch.allclose(g.option_logprobs(extended, options, batch_size=4), kept, atol=1e-4)
+    assert g.reused_tokens == before  # forgotten: nothing left to reuse

@@ -16,7 +16,9 @@ Then two stage lines, in `--dtype` (auto: bf16 where the CPU computes in it, as 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import sys
 import time
 
 import torch
@@ -52,23 +54,38 @@ def hf_generate(model, tok, convs, new_tokens: int, batch: int) -> tuple[int, fl
     return total, time.time() - start
 
 
+LLAMA_CPP = r"""
+import json, sys, time
+from llama_cpp import Llama
+path, new_tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+convs = json.load(sys.stdin)
+llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
+total, start = 0, time.time()
+for i, conv in enumerate(convs):
+    out = llm.create_chat_completion(messages=conv, max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                                     min_p=0.0, repeat_penalty=1.0, seed=i)
+    total += out["usage"]["completion_tokens"] + (out["choices"][0]["finish_reason"] == "stop")
+print(json.dumps([total, time.time() - start]))
+"""
+
+
 def llama_cpp(convs, new_tokens: int, threads: int) -> tuple[int, float] | str:
-    """llama.cpp on the embedded GGUF, the same sampling (no top-k, min-p or repeat penalty); -> (new tokens,
-    seconds), or why it was skipped. EOS is counted as our rows count it."""
-    try:
-        from llama_cpp import Llama
-    except ImportError as e:
-        return f"llama-cpp-python is not installed ({e}; `pip install llama-cpp-python` compiles llama.cpp)"
+    """llama.cpp on the embedded GGUF, the same sampling (no top-k, min-p or repeat penalty), one prompt at a time
+    in a child process (a broken build crashes it, not the benchmark); -> (new tokens, seconds), or why it was
+    skipped. EOS is counted as our rows count it."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (`pip install llama-cpp-python` compiles llama.cpp)"
     from cai.models import _gguf_file
 
-    llm = Llama(model_path=str(_gguf_file("smollm2-135m-instruct")), n_ctx=2048, n_threads=threads,
-                n_threads_batch=threads, seed=0, verbose=False)
-    total, start = 0, time.time()
-    for i, conv in enumerate(convs):
-        out = llm.create_chat_completion(messages=conv, max_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-                                         min_p=0.0, repeat_penalty=1.0, seed=i)
-        total += out["usage"]["completion_tokens"] + (out["choices"][0]["finish_reason"] == "stop")
-    return total, time.time() - start
+    child = subprocess.run([sys.executable, "-c", LLAMA_CPP, str(_gguf_file("smollm2-135m-instruct")),
+                            str(new_tokens), str(threads)], input=json.dumps(convs), capture_output=True, text=True)
+    if child.returncode:
+        return f"llama-cpp-python failed (exit {child.returncode}): {(child.stderr.strip().splitlines() or ['-'])[-1]}"
+    total, seconds = json.loads(child.stdout.strip().splitlines()[-1])
+    return total, seconds
 
 
 def ours(gen: ChatGenerator, convs, new_tokens: int, batch: int) -> tuple[int, float]:

@@ -94,6 +94,24 @@ def make_models(folder: Path) -> tuple[Path, Path]:
     return policy, rm
 
 
+def write_reward_pairs(stage: Path, rm: Path) -> None:
+    """The reward-model stage's encoded pairs, which PPO reads to measure the preference model's statistics in the
+    dtype it scores in: 8 red-team prompts, a refusal against a compliance."""
+    from cai.config import PromptSource
+    from cai.models import load_tokenizer
+    from cai.prompt_files import read_source
+    from cai.shards import write_jsonl
+    from cai.stages.reward_model import encode_pairs
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "p_chosen": 0.7,
+             "chosen": [{"role": "assistant", "content": "I can't help with that."}],
+             "rejected": [{"role": "assistant", "content": "Sure, here is how."}]}
+            for r in read_source(PromptSource(path="builtin:red_team"))[:8]]
+    pairs = encode_pairs(load_tokenizer(rm), rows, 256)
+    write_jsonl(stage / "eval.jsonl", pairs[:4])
+    write_jsonl(stage / "train.jsonl", pairs[4:])
+
+
 def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str]) -> dict:
     """Our PPO stage on 1 Ray Train worker with 2 CPUs, DeepSpeed ZeRO-0 (one rank: nothing to shard)."""
     import shutil
@@ -106,6 +124,7 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str])
         (folder / name).mkdir(parents=True, exist_ok=True)
         if not (folder / name / "model").exists():
             shutil.copytree(src, folder / name / "model")
+    write_reward_pairs(folder / "reward_model", rm)
     cfg = load_pipeline(HERE.parent / "pipelines/default.yaml", [
         f"output_dir={folder}", f"ppo.steps={steps}", "ppo.rollout_batch=4", "ppo.minibatch=4", "ppo.ppo_epochs=1",
         "ppo.generation.max_new_tokens=32", "ppo.train.workers=1", "ppo.train.cpus_per_worker=2",

@@ -3,8 +3,8 @@
 - `PrefixKV`: the keys/values of a prefix every row of a batch starts with (the system turn, few-shot
   conversations, a judge's worked examples), computed once as one row. Rows attend to it through
   `prefix_attention` without a copy per row: at each decoding step the prefix is read once for the whole batch.
-- `RowCache`: each row's own tokens after the prefix, preallocated; a forward writes at `write_at` and attends
-  to the columns before it.
+- `RowCache`: each row's own tokens after the prefix, grown in chunks of columns; a forward writes at `write_at`
+  and attends to the columns before it.
 - `RowStore`: the keys/values of the rows an earlier call generated, so that a prompt extending one (the
   revision request after the critique it asks about) computes only what is new.
 
@@ -87,8 +87,8 @@ class RowCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (B_kept,), in that order."""
-        self.keys = [k[rows] if k is not None else None for k in self.keys]
-        self.values = [v[rows] if v is not None else None for v in self.values]
+        self.keys = [k[rows.to(k.device)] if k is not None else None for k in self.keys]   # layers may be on
+        self.values = [v[rows.to(v.device)] if v is not None else None for v in self.values]  # several GPUs
         self.rows = len(rows)
 
     def copy_rows(self, js: list[int], starts: list[int], end: int) -> list[RowKV]:
@@ -96,8 +96,9 @@ class RowCache:
         layer for all of them)."""
         if not js:
             return []
-        sel = torch.tensor(js, device=self.keys[0].device)
-        keys, values = [k[sel, :, :end] for k in self.keys], [v[sel, :, :end] for v in self.values]  # gathered: copies
+        sel = torch.tensor(js)  # moved to each layer's device: a model over several GPUs keeps layers on each
+        keys = [k[sel.to(k.device), :, :end] for k in self.keys]                          # gathered: copies
+        values = [v[sel.to(v.device), :, :end] for v in self.values]
         return [RowKV([k[i, :, s:] for k in keys], [v[i, :, s:] for v in values]) for i, s in enumerate(starts)]
 
 

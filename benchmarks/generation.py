@@ -5,11 +5,13 @@
 Prints one table. Every generator row generates for the same chat prompts (the first N shipped helpfulness
 prompts) with sampling at temperature 1; tokens are counted up to and including EOS, never padding. The
 baselines: HF `generate`, fp32 and bf16, batch 32; llama.cpp through `llama-cpp-python` on the embedded GGUF
-(Q4_1), one prompt at a time as its chat API runs them (skipped with a note when the package is not installed).
+(Q4_1), one prompt at a time as its chat API runs them, in a child process (skipped with a note when the package is
+not installed or crashes: 0.3.36 built here did on its first completion, 0.3.16 ran).
 
-Then two stage lines, in `--dtype` (auto: bf16 where the CPU computes in it, as the pipeline picks):
+Then the stage lines, in `--dtype` (auto: bf16 where the CPU computes in it, as the pipeline picks):
 - the critique_revise stage's shard function (answer + one critique/revision round, two few-shot conversations)
-  on red-team prompts: rows/s, new tok/s, and new tok/s as a ratio `N.NNx` of our generator's (same dtype, batch 32);
+  on red-team prompts, one shard per `--stage-rows` (its rows decode as one batch): rows/s, new tok/s, and new tok/s
+  as a ratio `N.NNx` of our generator's (same dtype, batch 32);
 - preferences' labelling forwards (option_logprobs on judge-check pairs, both orders, two shots): prompt tok/s,
   and its ratio `N.NNx` to a plain batched forward of the same prompts (left padded, batch 16, last position).
 """

@@ -24,26 +24,28 @@ from cai.errors import CaiError
 from cai.stopping import Stopped
 
 
+def pipeline_parser(sub, name: str, summary: str, example: str | None = None):
+    """A subcommand that reads a pipeline file and dotted overrides of it."""
+    parser = sub.add_parser(name, help=summary)
+    parser.add_argument("pipeline")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, {example}" if example else None)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cai", description="Constitutional AI pipeline")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a pipeline's stages in order (cached stages are skipped)")
-    run.add_argument("pipeline")
-    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. critique_revise.rounds=2")
+    run = pipeline_parser(sub, "run", "run a pipeline's stages in order (cached stages are skipped)",
+                          "e.g. critique_revise.rounds=2")
     run.add_argument("--stages", help="comma-separated subset of stages to run")
-    ev = sub.add_parser("eval", help="evaluate checkpoints side by side (the evaluate stage alone); writes "
-                                     "<output_dir>/evaluate/report.html and eval.json")
-    ev.add_argument("pipeline")
-    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.max_prompts=20")
+    ev = pipeline_parser(sub, "eval", "evaluate checkpoints side by side (the evaluate stage alone); writes "
+                                      "<output_dir>/evaluate/report.html and eval.json", "e.g. evaluate.max_prompts=20")
     ev.add_argument("--checkpoints", help="comma-separated: base, sft, policy, ppo, dpo, ppo@<step>, "
                                           "<run folder>:<checkpoint>, or model folders (evaluate.checkpoints)")
-    plan = sub.add_parser("plan", help="show which stages `cai run` would run and what changed, running nothing")
-    plan.add_argument("pipeline")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for run")
+    plan = pipeline_parser(sub, "plan", "show which stages `cai run` would run and what changed, running nothing",
+                           "as for run")
     plan.add_argument("--stages", help="comma-separated subset of stages, as for run")
-    cfg = sub.add_parser("config", help="print the resolved config")
-    cfg.add_argument("pipeline")
-    cfg.add_argument("overrides", nargs="*")
+    pipeline_parser(sub, "config", "print the resolved config")
     status = sub.add_parser("status", help="show each stage of a run: done, partial or not started")
     status.add_argument("output_dir")
     const = sub.add_parser("constitution", help="constitution tools")
@@ -68,20 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--raw", action="store_true", help="no chat template around the prompt")
     audit.add_argument("--out", help="folder for arca.json and report.html (in <output_dir>/audit/: the run's "
                                       "report.html too)")
-    mwe = sub.add_parser("mwe", help="model-written evaluations: yes/no probes for a behaviour, written and checked "
-                                     "by models, answered by checkpoints; writes <output_dir>/audit/mwe/<behaviour>/")
-    mwe.add_argument("pipeline")
-    mwe.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mwe.min_label_confidence=0.7")
+    mwe = pipeline_parser(sub, "mwe", "model-written evaluations: yes/no probes for a behaviour, written and checked "
+                                      "by models, answered by checkpoints; writes <output_dir>/audit/mwe/<behaviour>/",
+                          "e.g. mwe.min_label_confidence=0.7")
     mwe.add_argument("--behaviour", help="a behaviour of mwe.behaviours (shipped: sycophancy, avoid-shutdown, "
                                          "power-seeking, self-preservation); with --probes, the output's name")
     mwe.add_argument("--checkpoints", help="comma-separated, named as for eval (mwe.checkpoints; default: base)")
     mwe.add_argument("--probes", help="jsonl in Anthropic's layout (question, answer_matching_behavior, "
                                       "answer_not_matching_behavior): scored as given, nothing generated")
     mwe.add_argument("--n", type=int, help="writer outputs per side (mwe.n)")
-    rt = sub.add_parser("redteam", help="red-team a checkpoint with a red LM (Perez et al. 2022); writes "
-                                        "<output_dir>/audit/redteam/")
-    rt.add_argument("pipeline")
-    rt.add_argument("overrides", nargs="*", help="dotted overrides, e.g. redteam.few_shot=3")
+    rt = pipeline_parser(sub, "redteam", "red-team a checkpoint with a red LM (Perez et al. 2022); writes "
+                                         "<output_dir>/audit/redteam/", "e.g. redteam.few_shot=3")
     rt.add_argument("--checkpoint", required=True, help="base, sft, policy, ppo, dpo, ppo@<step>, "
                                                         "<run folder>:<checkpoint>, or a model folder")
     rt.add_argument("--rounds", type=int, help="rounds of attacks (redteam.rounds)")

@@ -142,7 +142,7 @@ class ChatGenerator:
         self.pad_id = tokenizer.pad_token_id
         self.min_shared_prefix = 32  # shorter shared prefixes are not worth a separate forward
         self.reuse_kv = reuse_kv
-        self.min_reuse = 16          # a prompt extending a stored row by fewer tokens is computed afresh
+        self.min_reuse = 16          # a prompt sharing fewer tokens with every stored row is computed afresh
         self.max_prefixes = 8
         self._prefixes: dict[tuple[int, ...], PrefixKV] = {}
         self._rows = RowStore(max_bytes=256 * 2**20)
@@ -195,7 +195,7 @@ class ChatGenerator:
             ids = max(kept, key=len)
             self._prefixes[ids] = self._prefixes.pop(ids)  # most recently used last
             return self._prefixes[ids]
-        cache = RowCache(self.model.config.num_hidden_layers, 1, P)
+        cache = RowCache(self.model.config.num_hidden_layers, P)
         cache.reserve(P)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
         self._forward(torch.tensor([head], device=self.device), torch.arange(P, device=self.device)[None], causal,
@@ -218,7 +218,7 @@ class ChatGenerator:
             batch.select(torch.tensor(copies, device=self.device))
             batch.starts, batch.own = [batch.starts[i] for i in copies], [batch.own[i] for i in copies]
             return batch
-        dev, B = self.device, len(rows)
+        dev = self.device
         prefix = self._prefix(rows)
         P = len(prefix.ids) if prefix else 0
         own = [r[P:] for r in rows]
@@ -227,7 +227,7 @@ class ChatGenerator:
         S = max(map(len, own))
         W = max(len(o) - n for o, n in zip(own, reused))                   # columns this forward computes
         starts = [S - len(o) for o in own]
-        cache = RowCache(self.model.config.num_hidden_layers, B, S + extra)
+        cache = RowCache(self.model.config.num_hidden_layers, S + extra)
         for b, ((row, _), o) in enumerate(zip(found, own)):
             if row is not None and len(o) > W:
                 cache.copy_in(b, starts[b], row.kv.first(len(o) - W))

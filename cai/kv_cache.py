@@ -44,10 +44,10 @@ class RowCache:
     is_compileable = False
     chunk = 32
 
-    def __init__(self, layers: int, rows: int, capacity: int):
+    def __init__(self, layers: int, capacity: int):
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
-        self.rows, self.capacity, self.write_at, self.columns = rows, capacity, 0, 0
+        self.capacity, self.write_at, self.columns = capacity, 0, 0
         self._pending: list[tuple[int, int, RowKV]] = []  # (row, first column, keys/values) to copy in
 
     def reserve(self, end: int) -> int:
@@ -89,7 +89,6 @@ class RowCache:
         """Keep only `rows` (B_kept,), in that order."""
         self.keys = [k[rows.to(k.device)] if k is not None else None for k in self.keys]   # layers may be on
         self.values = [v[rows.to(v.device)] if v is not None else None for v in self.values]  # several GPUs
-        self.rows = len(rows)
 
     def copy_rows(self, js: list[int], starts: list[int], end: int) -> list[RowKV]:
         """Copies of rows js, row js[i]'s columns [starts[i], end), to keep after the batch is gone (one gather per

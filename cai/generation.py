@@ -27,19 +27,42 @@ class Completion:
     ids: tuple[int, ...] = ()  # the sampled tokens, EOS included when finished
 
 
-NUCLEUS_CANDIDATES = (256, 4096)  # top-k tiers tried per row before a full sort is needed (README: Performance)
+NUCLEUS_DRAWS = 8  # draws tried per row before its nucleus is found by a full sort (README: Performance)
+
+
+CDF_BLOCK = 256  # the inverse CDF finds a block of this many tokens, then the token within it
+
+
+def _last_positive(cum: torch.Tensor) -> torch.Tensor:
+    """(B, K) cumulative sums -> (B, 1) the last column that adds mass: what a draw rounded past the end gets."""
+    return (cum < cum[:, -1:]).sum(-1, keepdim=True)
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(B, K) unnormalised probabilities, (B, 1) uniforms -> (B, 1) column indices."""
-    cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    """(B, V) unnormalised probabilities, (B, 1) uniforms in [0, 1) -> (B, 1) column indices.
+
+    In two levels for a wide vocabulary: a cumulative sum over the whole vocabulary is a serial scan, as slow
+    as the rest of a sampling step together, while block sums and a scan of one block are not."""
+    B, V = probs.shape
+    if V <= 4 * CDF_BLOCK:
+        cdf = probs.cumsum(-1)
+        return torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), _last_positive(cdf))
+    blocks = torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)).view(B, -1, CDF_BLOCK)     # (B, V/256, 256)
+    mass = blocks.sum(-1)
+    cmass = mass.cumsum(-1)                                                                # (B, V/256)
+    target = u * cmass[:, -1:]
+    block = torch.minimum(torch.searchsorted(cmass, target, right=True), _last_positive(cmass))     # (B, 1)
+    within = (target - (cmass.gather(-1, block) - mass.gather(-1, block))) / mass.gather(-1, block)
+    cdf = blocks[torch.arange(B, device=probs.device), block.squeeze(-1)].cumsum(-1)          # (B, 256)
+    col = torch.searchsorted(cdf, within.clamp(0, 1) * cdf[:, -1:], right=True)
+    return block * CDF_BLOCK + torch.minimum(col, _last_positive(cdf))
 
 
-def _nucleus(ranked: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Probabilities sorted descending -> the smallest prefix whose mass reaches top_p kept, the rest zeroed (the
-    first token always stays)."""
-    return ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+def _nucleus_by_sort(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities -> (B, 1) token ids drawn from the smallest set of likeliest tokens whose mass reaches
+    top_p (the likeliest token always in), by sorting the vocabulary."""
+    ranked, order = probs.sort(-1, descending=True)
+    return order.gather(-1, _inverse_cdf(ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0), u))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -47,27 +70,46 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
 
     Inverse-CDF sampling (one uniform per row, then a binary search in the cumulative
     distribution): torch.multinomial on CPU draws V exponentials per row (README: Performance).
-    The nucleus is found among each row's most likely tokens, a top-k per tier of NUCLEUS_CANDIDATES (far cheaper
-    than sorting the vocabulary at every step); only rows whose nucleus is wider than the last tier are sorted in
-    full. Either way the token drawn is the one a full sort gives.
+    Top-p by rejection, without sorting the vocabulary: a token drawn from the whole distribution is in the
+    nucleus when the tokens likelier than it hold less than top_p of the mass, and a drawn token that is not is
+    drawn again. Conditioning the full distribution on the nucleus is the nucleus distribution, so this samples
+    exactly what sorting would (a token tied with the nucleus's last one counts as in). At least top_p of the
+    mass is accepted per draw; rows still rejected after NUCLEUS_DRAWS draws are sorted.
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)          # (B, V)
+    probs = torch.softmax(logits if temperature == 1 else logits / temperature, -1, dtype=torch.float32)  # (B, V)
     u = torch.rand(len(probs), 1, generator=gen, dtype=probs.dtype, device=probs.device)
+    choice = _inverse_cdf(probs, u)                                      # (B, 1)
     if top_p >= 1.0:
-        return _inverse_cdf(probs, u).squeeze(-1)
-    choice = torch.empty(len(probs), 1, dtype=torch.long, device=probs.device)
-    rows = torch.arange(len(probs), device=probs.device)                 # rows whose nucleus is not found yet
-    for k in (*NUCLEUS_CANDIDATES, probs.shape[-1]):
-        k = min(k, probs.shape[-1])
-        ranked, order = probs[rows].topk(k, dim=-1) if k < probs.shape[-1] else probs[rows].sort(-1, descending=True)
-        found = (ranked.cumsum(-1)[:, -1] >= top_p) | (k == probs.shape[-1])
-        choice[rows[found]] = order[found].gather(-1, _inverse_cdf(_nucleus(ranked[found], top_p), u[rows[found]]))
-        rows = rows[~found]
+        return choice.squeeze(-1)
+    rows = torch.arange(len(probs), device=probs.device)                 # rows whose draw is not yet accepted
+    for _ in range(NUCLEUS_DRAWS):
+        # tokens likelier than the drawn one hold at most 1 - p(drawn): a draw above 1 - top_p is in, unchecked
+        rows = rows[probs.gather(-1, choice).squeeze(-1)[rows] <= 1 - top_p]
+        p = probs[rows]
+        likelier = (p * (p > p.gather(-1, choice[rows]))).sum(-1)       # (n,) mass of tokens likelier than drawn
+        rows = rows[likelier >= top_p]
         if not len(rows):
-            break
+            return choice.squeeze(-1)
+        u = torch.rand(len(rows), 1, generator=gen, dtype=probs.dtype, device=probs.device)
+        choice[rows] = _inverse_cdf(probs[rows], u)
+    choice[rows] = _nucleus_by_sort(probs[rows], top_p, u)
     return choice.squeeze(-1)
+
+
+def window_groups(new: list[int], forward_tokens: int) -> list[tuple[int, int]]:
+    """Rows sorted by how many tokens a prefill computes for them (ascending) -> row ranges [lo, hi), one forward
+    each, every row computed over its range's widest window: the split with the fewest tokens computed, counting
+    `forward_tokens` for each forward."""
+    best, cut = [0] + [None] * len(new), [0] * (len(new) + 1)
+    for j in range(1, len(new) + 1):
+        best[j], cut[j] = min((best[i] + (j - i) * new[j - 1] + forward_tokens, i) for i in range(j))
+    ranges, j = [], len(new)
+    while j:
+        ranges.append((cut[j], j))
+        j = cut[j]
+    return ranges[::-1]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +162,19 @@ class _Batch:
     starts: list[int]        # per row given: the column its own tokens start at
     own: list[list[int]]     # per row given: its prompt tokens after the prefix
     prompt_end: int          # the column the first generated token goes to
+    order: list[int]         # per batch row: the row given that it is
 
     def select(self, rows: torch.Tensor) -> None:
         self.cache.select(rows)
+        self._reorder(rows)
+
+    def drop(self, dead: list[int]) -> list[int]:
+        """Remove rows `dead` (RowCache.drop) -> the old index of the row now at each position."""
+        order = self.cache.drop(dead)
+        self._reorder(torch.tensor(order, device=self.valid.device))
+        return order
+
+    def _reorder(self, rows: torch.Tensor) -> None:
         self.valid, self.next_pos, self.logits = self.valid[rows], self.next_pos[rows], self.logits[rows]
 
 
@@ -141,6 +193,7 @@ class ChatGenerator:
         self.end_ids = end_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.min_shared_prefix = 32  # shorter shared prefixes are not worth a separate forward
+        self.forward_tokens = 64     # a forward's own cost, in prompt tokens: what splitting a prefill must save
         self.reuse_kv = reuse_kv
         self.min_reuse = 16          # a prompt sharing fewer tokens with every stored row is computed afresh
         self.max_prefixes = 8
@@ -195,7 +248,7 @@ class ChatGenerator:
             ids = max(kept, key=len)
             self._prefixes[ids] = self._prefixes.pop(ids)  # most recently used last
             return self._prefixes[ids]
-        cache = RowCache(self.model.config.num_hidden_layers, P)
+        cache = RowCache(self.model.config.num_hidden_layers, P, 1)
         cache.reserve(P)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
         self._forward(torch.tensor([head], device=self.device), torch.arange(P, device=self.device)[None], causal,
@@ -207,43 +260,49 @@ class ChatGenerator:
         return prefix
 
     def _prefill(self, rows: list[list[int]], extra: int) -> _Batch:
-        """One forward over the prompts, laid out per row as [prefix P, kept once][left padding][own tokens S]. An
-        own part that extends a stored row copies that row's keys/values in; the forward computes only the last W
-        columns, W the longest part any row has not stored. The same prompt several times runs once."""
+        """Forwards over the prompts, laid out per row as [prefix P, kept once][left padding][own tokens S]. An own
+        part that extends a stored row copies that row's keys/values in; a forward computes only the last W columns,
+        W the longest part a row has not stored. Rows are ordered by that part and grouped (`window_groups`), so
+        that one long part does not set W for all. The same prompt several times runs once."""
         unique = list(dict.fromkeys(map(tuple, rows)))
         if len(unique) < len(rows):  # the same prompt several times (samples per prompt, a shared few-shot draw)
             batch = self._prefill([list(u) for u in unique], extra)
-            where = {u: i for i, u in enumerate(unique)}
-            copies = [where[tuple(r)] for r in rows]
-            batch.select(torch.tensor(copies, device=self.device))
-            batch.starts, batch.own = [batch.starts[i] for i in copies], [batch.own[i] for i in copies]
+            index = {u: k for k, u in enumerate(unique)}
+            where = [index[tuple(r)] for r in rows]
+            at = {u: b for b, u in enumerate(batch.order)}                 # batch position of each unique prompt
+            batch.select(torch.tensor([at[u] for u in where], device=self.device))
+            batch.starts, batch.own = [batch.starts[u] for u in where], [batch.own[u] for u in where]
+            batch.order = list(range(len(rows)))
             return batch
         dev = self.device
         prefix = self._prefix(rows)
         P = len(prefix.ids) if prefix else 0
         own = [r[P:] for r in rows]
         found = [self._rows.best(prefix, o, self.min_reuse) for o in own]
-        reused = [min(n, len(o) - 1) for (_, n), o in zip(found, own)]
+        new = [len(o) - min(n, len(o) - 1) for (_, n), o in zip(found, own)]   # tokens no stored row holds
         S = max(map(len, own))
-        W = max(len(o) - n for o, n in zip(own, reused))                   # columns this forward computes
         starts = [S - len(o) for o in own]
-        cache = RowCache(self.model.config.num_hidden_layers, S + extra)
-        for b, ((row, _), o) in enumerate(zip(found, own)):
-            if row is not None and len(o) > W:
-                cache.copy_in(b, starts[b], row.kv.first(len(o) - W))
-                self.reused_tokens += len(o) - W
-        cache.write_at = S - W
-        ids, _ = left_pad([o[max(0, len(o) - W):] for o in own], self.pad_id, dev)     # (B, W)
-        first = torch.tensor(starts, device=dev)[:, None]                              # (B, 1)
+        order = sorted(range(len(rows)), key=new.__getitem__)                   # batch row b is prompt order[b]
+        cache = RowCache(self.model.config.num_hidden_layers, S + extra, len(rows))
+        first = torch.tensor([starts[i] for i in order], device=dev)[:, None]         # (B, 1)
         cols = torch.arange(S + extra, device=dev)
         valid = (cols >= first) & (cols < S)                                           # (B, S + extra)
-        q = cols[S - W:S]                                                              # the window's columns
         C = cache.reserve(S)                                                           # >= S, those past S hidden
-        mask = ((cols[None, :C] <= q[:, None]) & valid[:, None, :C]) | (cols[None, :C] == q[:, None])  # (B, W, C)
-        logits = self._forward(ids, P + (q - first).clamp(min=0), mask[:, None], cache, prefix)
-        cache.write_at = S
-        next_pos = torch.tensor([P + len(o) for o in own], device=dev)
-        return _Batch(cache, prefix, valid, next_pos, logits, starts, own, S)
+        logits = []
+        for lo, hi in window_groups([new[i] for i in order], self.forward_tokens):
+            W = new[order[hi - 1]]                                                     # columns this forward computes
+            for b, i in enumerate(order[lo:hi], lo):
+                if found[i][0] is not None and len(own[i]) > W:
+                    cache.copy_in(b, starts[i], found[i][0].kv.first(len(own[i]) - W))
+                    self.reused_tokens += len(own[i]) - W
+            cache.rows, cache.write_at = slice(lo, hi), S - W
+            ids, _ = left_pad([own[i][max(0, len(own[i]) - W):] for i in order[lo:hi]], self.pad_id, dev)  # (B_g, W)
+            q = cols[S - W:S]                                                          # the window's columns
+            mask = ((cols[None, :C] <= q[:, None]) & valid[lo:hi, None, :C]) | (cols[None, :C] == q[:, None])
+            logits.append(self._forward(ids, P + (q - first[lo:hi]).clamp(min=0), mask[:, None], cache, prefix))
+        cache.rows, cache.write_at = slice(None), S
+        next_pos = torch.tensor([P + len(own[i]) for i in order], device=dev)
+        return _Batch(cache, prefix, valid, next_pos, torch.cat(logits), starts, own, S, order)
 
     def _step(self, batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per live row (B,) -> next logits (B, V)."""
@@ -269,7 +328,7 @@ class ChatGenerator:
     def _generate_batch(self, rows: list[list[int]], cfg: GenerationConfig, gen: torch.Generator):
         batch = self._prefill(rows, cfg.max_new_tokens)
         B = len(rows)
-        live = list(range(B))                                         # rows still generating
+        live = list(batch.order)                                      # per batch row: the row it is, still generating
         tokens: list[list[int]] = [[] for _ in rows]
         ended: list[int | None] = [None] * B                          # the end id that finished each row
         for step in range(cfg.max_new_tokens):
@@ -284,10 +343,10 @@ class ChatGenerator:
             if not keep or step == cfg.max_new_tokens - 1:
                 break
             if len(keep) < len(live):  # drop finished rows from the batch and the cache
-                self._keep_rows(batch, live, sorted(set(range(len(live))) - set(keep)), tokens)
-                sel = torch.tensor(keep, device=self.device)
-                batch.select(sel)
-                live, nxt = [live[j] for j in keep], nxt[sel]
+                dead = sorted(set(range(len(live))) - set(keep))
+                self._keep_rows(batch, live, dead, tokens)
+                order = batch.drop(dead)
+                live, nxt = [live[j] for j in order], nxt[torch.tensor(order, device=self.device)]
             batch.logits = self._step(batch, nxt)
         self._keep_rows(batch, live, list(range(len(live))), tokens)
         return [Completion(self.tokenizer.decode(t, skip_special_tokens=True).strip(), len(r), len(t) + (end is not None),
@@ -313,8 +372,8 @@ class ChatGenerator:
         result = torch.empty(len(prompts), len(options))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            logits = self._prefill([prompts[i] for i in idx], 0).logits.float()     # (B, V)
-            result[idx] = torch.log_softmax(logits, -1)[:, option_ids].cpu()
+            batch = self._prefill([prompts[i] for i in idx], 0)
+            result[[idx[b] for b in batch.order]] = torch.log_softmax(batch.logits.float(), -1)[:, option_ids].cpu()
         if not self.reuse_kv:
             self.forget()
         return result

@@ -39,15 +39,17 @@ class RowCache:
     columns [write_at, write_at + q) and attention reads all C columns, the mask hiding those not yet written.
     C grows by `chunk` columns at a time, so the tensors attention reads are whole (a slice of a larger buffer is
     copied by every batched matmul on CPU) and are reallocated once per chunk. `copy_in` places keys/values
-    computed earlier (a `RowStore` entry) before the next forward."""
+    computed earlier (a `RowStore` entry) before the next forward. A forward may cover only `rows`, a range of
+    the batch (prompts whose new parts differ in length run apart); its attention then reads views of them."""
 
     is_compileable = False
     chunk = 32
 
-    def __init__(self, layers: int, capacity: int):
+    def __init__(self, layers: int, capacity: int, batch: int):
         self.keys: list[torch.Tensor | None] = [None] * layers
         self.values: list[torch.Tensor | None] = [None] * layers
-        self.capacity, self.write_at, self.columns = capacity, 0, 0
+        self.capacity, self.write_at, self.columns, self.batch = capacity, 0, 0, batch
+        self.rows = slice(None)  # the rows the next forward computes
         self._pending: list[tuple[int, int, RowKV]] = []  # (row, first column, keys/values) to copy in
 
     def reserve(self, end: int) -> int:
@@ -62,8 +64,8 @@ class RowCache:
     def _grown(self, t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         if t is not None and t.shape[2] == self.columns:
             return t
-        B, H, _, D = like.shape
-        out = like.new_zeros(B, H, self.columns, D)
+        _, H, _, D = like.shape
+        out = like.new_zeros(self.batch if t is None else t.shape[0], H, self.columns, D)
         if t is not None:
             out[:, :, :t.shape[2]] = t
         return out
@@ -75,6 +77,7 @@ class RowCache:
             n = kv.keys[layer_idx].shape[1]
             keys[row, :, col:col + n] = kv.keys[layer_idx]
             values[row, :, col:col + n] = kv.values[layer_idx]
+        keys, values = keys[self.rows], values[self.rows]          # views: the batch dimension is outermost
         end = self.write_at + key_states.shape[2]
         keys[:, :, self.write_at:end] = key_states
         values[:, :, self.write_at:end] = value_states
@@ -89,6 +92,24 @@ class RowCache:
         """Keep only `rows` (B_kept,), in that order."""
         self.keys = [k[rows.to(k.device)] if k is not None else None for k in self.keys]   # layers may be on
         self.values = [v[rows.to(v.device)] if v is not None else None for v in self.values]  # several GPUs
+
+    def drop(self, dead: list[int]) -> list[int]:
+        """Remove rows `dead` by moving the last surviving rows into their places and keeping the first rows of each
+        tensor (a view: no copy of the rows that stay). -> order: the old index of the row now at each position."""
+        B = self.keys[0].shape[0]
+        n = B - len(dead)
+        holes = [r for r in sorted(dead) if r < n]
+        movers = [r for r in range(n, B) if r not in set(dead)]
+        order = list(range(n))
+        for dst, src in zip(holes, movers):
+            order[dst] = src
+        if holes:
+            dst, src = torch.tensor(holes), torch.tensor(movers)
+            for t in self.keys + self.values:
+                t[dst.to(t.device)] = t[src.to(t.device)]
+        self.keys = [k[:n] for k in self.keys]
+        self.values = [v[:n] for v in self.values]
+        return order
 
     def copy_rows(self, js: list[int], starts: list[int], end: int) -> list[RowKV]:
         """Copies of rows js, row js[i]'s columns [starts[i], end), to keep after the batch is gone (one gather per
@@ -161,34 +182,37 @@ class RowStore:
 
 
 def prefix_attention(module, query, key, value, attention_mask, prefix: PrefixKV | None = None, **kwargs):
-    """transformers attention function: sdpa over [prefix | row columns] when a `prefix` is passed, plain sdpa
-    otherwise. query (B, H*G, q, D); key/value (B, H, L, D); attention_mask (B, 1, q, L) bool, True = attend."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    """transformers attention function: attention over [prefix | row columns] when a `prefix` is passed, over the
+    row columns otherwise. query (B, H*G, q, D); key/value (B, H, L, D); attention_mask (B, 1, q, L) bool, True =
+    attend. -> ((B, q, H*G, D), None), as transformers' sdpa function returns.
 
-    if prefix is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    pk, pv = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]        # (1, H, P, D)
-    B, q = query.shape[0], query.shape[2]
-    if q > 1:  # a prompt: the prefix is copied per row for this one forward, then plain sdpa
-        mask = torch.cat([attention_mask.new_ones(B, 1, q, pk.shape[2]), attention_mask], -1)
-        return sdpa_attention_forward(module, query, torch.cat([pk.expand(B, -1, -1, -1), key], 2),
-                                      torch.cat([pv.expand(B, -1, -1, -1), value], 2), mask, **kwargs)
-    return decode_attention(query, key, value, attention_mask, pk, pv, kwargs["scaling"]), None
+    sdpa is called with `enable_gqa` (transformers repeats each key/value head per query head when a mask is
+    passed: a copy of the whole cache per layer); a prompt's forward copies the prefix per row, a decoding step
+    reads it once for all rows (`decode_attention`)."""
+    pk, pv = (prefix.keys[module.layer_idx], prefix.values[module.layer_idx]) if prefix else (None, None)
+    if pk is not None and query.shape[2] == 1:
+        return decode_attention(query, key, value, attention_mask, pk, pv, kwargs["scaling"]), None
+    if pk is not None:  # (1, H, P, D) -> prepended to every row for this one forward
+        B, q = query.shape[0], query.shape[2]
+        attention_mask = torch.cat([attention_mask.new_ones(B, 1, q, pk.shape[2]), attention_mask], -1)
+        key, value = torch.cat([pk.expand(B, -1, -1, -1), key], 2), torch.cat([pv.expand(B, -1, -1, -1), value], 2)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=kwargs["scaling"], enable_gqa=True)
+    return out.transpose(1, 2), None
 
 
 def decode_attention(query, key, value, mask, pk, pv, scaling: float) -> torch.Tensor:
     """One new token per row against the prefix (read once for all rows) and its own columns: one softmax over
-    both, as attention over the concatenation. -> (B, 1, H*G, D), the layout sdpa_attention_forward returns."""
+    both, as attention over the concatenation. -> (B, 1, H*G, D)."""
     B, HG, _, D = query.shape
     H, P = key.shape[1], pk.shape[2]
     G = HG // H
-    q = query.view(B, H, G, D)
+    q = (query * scaling).view(B, H, G, D)                 # scaled once here, not the (B, H, G, P + L) scores
     by_head = q.transpose(0, 1).reshape(H, B * G, D)                                   # every row's queries
     s_prefix = torch.matmul(by_head, pk[0].transpose(1, 2)).view(H, B, G, P).transpose(0, 1)    # (B, H, G, P)
-    # K @ q^T, not q @ K^T: K^T of a slice of the preallocated cache would be copied every step
     s_own = torch.matmul(key, q.transpose(2, 3)).transpose(2, 3)                                # (B, H, G, L)
     s_own = s_own.masked_fill(~mask.view(B, 1, 1, -1).to(s_own.device), float("-inf"))
-    probs = torch.softmax(torch.cat([s_prefix, s_own], -1).float() * scaling, -1).to(query.dtype)
+    probs = torch.softmax(torch.cat([s_prefix, s_own], -1), -1)       # accumulates in fp32 for bf16 scores
     out = torch.matmul(probs[..., P:], value)                                                    # (B, H, G, D)
     p_prefix = probs[..., :P].transpose(0, 1).reshape(H, B * G, P)
     out = out + torch.matmul(p_prefix, pv[0]).view(H, B, G, D).transpose(0, 1)

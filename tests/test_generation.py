@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from cai.config import GenerationConfig
-from cai.generation import left_pad, sample_next
+from cai.generation import left_pad, sample_next, window_groups
 
 CONVS = [[{"role": "user", "content": q}] for q in
          ["hi", "How do I bake bread at home with whole wheat flour?", "2+2?", "Tell me a story about a cat.",
@@ -12,6 +13,15 @@ def test_left_pad():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_window_groups_split_where_a_forward_saves_more_than_it_costs():
+    # one long part among short ones: 31 x 38 + 64 and 110 + 64 (1416) against 32 x 110 + 64 (3584)
+    assert window_groups([38] * 31 + [110], 64) == [(0, 31), (31, 32)]
+    assert window_groups([10, 10, 10], 64) == [(0, 3)]
+    assert window_groups([10, 100], 64) == [(0, 1), (1, 2)]            # 238 against 264
+    assert window_groups([50, 100], 64) == [(0, 2)]                    # 264 against 278
+    assert window_groups([5, 6, 7], 0) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_sample_next_greedy_top_p_and_distribution():
@@ -27,34 +37,42 @@ def test_sample_next_greedy_top_p_and_distribution():
     assert freq[2] == 0 and freq[3] == 0 and abs(freq[0] - 0.625) < 0.03
 
 
-def _full_sort_sample(logits, temperature, top_p, gen):
-    """The nucleus by sorting the whole vocabulary: what sample_next must draw."""
+def _nucleus_probs(logits, temperature, top_p):
+    """The nucleus by sorting the whole vocabulary, renormalised: what sample_next must draw from."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs, order = probs.sort(dim=-1, descending=True)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(len(cdf), 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
-    return order.gather(-1, torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)).squeeze(-1)
+    ranked, order = probs.sort(dim=-1, descending=True)
+    ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter(-1, order, ranked)
+    return kept / kept.sum(-1, keepdim=True)
 
 
-def test_top_p_among_candidates_draws_what_a_full_sort_draws(monkeypatch):
-    """Peaked rows (nucleus within the first tier of candidates), wider ones (the second) and flat ones (sorted in
-    full) in one batch."""
+@pytest.mark.parametrize("draws", [8, 1])  # 1: most rejected rows go on to the full sort
+def test_top_p_draws_only_from_the_nucleus_in_its_proportions(monkeypatch, draws):
+    """Peaked rows (a nucleus of one or two tokens) to flat ones (most of the vocabulary), several temperatures and
+    masses: no token outside the nucleus is drawn, and each row's frequencies are the renormalised nucleus's."""
     import cai.generation
 
-    monkeypatch.setattr(cai.generation, "NUCLEUS_CANDIDATES", (32, 400))
-    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 12, 64)[:, None]
-    for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.5)):
-        ours, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        for _ in range(20):
-            assert torch.equal(sample_next(logits, temperature, top_p, ours),
-                               _full_sort_sample(logits, temperature, top_p, ref))
+    monkeypatch.setattr(cai.generation, "NUCLEUS_DRAWS", draws)
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.2, 8, 16)[:, None]
+    gen = torch.Generator().manual_seed(1)
+    for temperature, top_p in ((1.0, 0.95), (0.7, 0.9), (1.3, 0.3)):
+        expected = _nucleus_probs(logits, temperature, top_p)                                  # (16, 50)
+        n = 4000
+        drawn = torch.stack([sample_next(logits, temperature, top_p, gen) for _ in range(n)], 1)   # (16, n)
+        freq = torch.zeros_like(expected).scatter_add_(1, drawn, torch.ones(drawn.shape)) / n
+        assert (freq[expected == 0] == 0).all()
+        assert (freq - expected).abs().sum(-1).max() < 0.12          # total variation ~0.05 from sampling alone
 
 
-def test_greedy_batched_equals_one_by_one(tiny_generator):
-    """Bucketing, left padding and dropping finished rows must not change any row's text."""
+@pytest.mark.parametrize("forward_tokens", [64, 0])  # 0: each prompt length prefilled by a forward of its own
+def test_greedy_batched_equals_one_by_one(tiny_generator, forward_tokens):
+    """Bucketing, left padding, prefill windows and dropping finished rows must not change any row's text."""
+    from cai.generation import ChatGenerator
+
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.0, batch_size=4)
-    batched = tiny_generator.generate_chat(CONVS, cfg, seed=0)
+    split = ChatGenerator(tiny_generator.model, tiny_generator.tokenizer)
+    split.forward_tokens = forward_tokens
+    batched = split.generate_chat(CONVS, cfg, seed=0)
     single = [tiny_generator.generate_chat([c], cfg.model_copy(update={"batch_size": 1}), seed=0)[0]
               for c in CONVS]
     assert [c.text for c in batched] == [c.text for c in single]
@@ -133,6 +151,7 @@ def test_kept_prefixes_and_rows_score_as_a_fresh_forward(tiny_generator):
     from cai.generation import ChatGenerator, shared_prefix_len
 
     g = ChatGenerator(tiny_generator.model, tiny_generator.tokenizer, reuse_kv=True)
+    g.forward_tokens = 0  # prompts whose new parts differ in length prefill apart, in an order of their own
     shots = [{"role": "user", "content": "Say something kind about rain in one short sentence please."},
              {"role": "assistant", "content": "Rain makes the gardens green and the air smell fresh."}] * 2
     prompts = [g.chat_ids(shots + c, 4096) for c in CONVS]
@@ -151,3 +170,44 @@ def test_kept_prefixes_and_rows_score_as_a_fresh_forward(tiny_generator):
     before = g.reused_tokens
     assert torch.allclose(g.option_logprobs(extended, options, batch_size=4), kept, atol=1e-4)
     assert g.reused_tokens == before  # forgotten: nothing left to reuse
+
+
+def test_prompts_prefill_in_the_order_of_their_new_parts(tiny_generator):
+    """A long stored prompt extended a little and a short one extended a lot: the first is longer, the second has
+    more to compute, so the batch holds them the other way round; each still scores as its full forward."""
+    from cai.generation import ChatGenerator
+
+    g = ChatGenerator(tiny_generator.model, tiny_generator.tokenizer, reuse_kv=True)
+    g.forward_tokens = 0
+    words, other = (g.tokenizer(t, add_special_tokens=False)["input_ids"]
+                    for t in (" the rain falls on the green hills", " a cat sleeps by the warm fire"))
+    long_prompt, short_prompt = [1] + words * 14, [1] + words * 3
+    g.generate_ids([long_prompt, short_prompt], GenerationConfig(max_new_tokens=1, temperature=0.0), seed=0)
+    extended = [long_prompt + other, short_prompt + other * 6]       # the first longer, the second with more new
+    orders, prefill = [], g._prefill
+
+    def recorded(rows, extra):
+        batch = prefill(rows, extra)
+        orders.append(batch.order)
+        return batch
+
+    g._prefill = recorded
+    options = [[t] for t in range(100, 140)]
+    kept = g.option_logprobs(extended, options, batch_size=2)
+    assert orders == [[1, 0]]          # sorted by length: [short, long]; by new part: [long, short]
+    assert g.reused_tokens >= len(long_prompt) + len(short_prompt) - 2
+    for i, p in enumerate(extended):
+        with torch.inference_mode():
+            logp = torch.log_softmax(g.model(torch.tensor([p])).logits[0, -1].float(), -1)
+        assert torch.allclose(kept[i], logp[[o[0] for o in options]], atol=1e-4)
+    # generating from them keeps each row's keys/values under its own tokens: extensions still score exactly
+    out = g.generate_ids(extended, GenerationConfig(max_new_tokens=6, temperature=1.0, batch_size=2), seed=0)
+    assert orders[-1] == [1, 0]
+    again = [e + list(c.ids) + words for e, c in zip(extended, out)]
+    before = g.reused_tokens
+    kept = g.option_logprobs(again, options, batch_size=2)
+    assert g.reused_tokens - before >= sum(map(len, extended))
+    for i, p in enumerate(again):
+        with torch.inference_mode():
+            logp = torch.log_softmax(g.model(torch.tensor([p])).logits[0, -1].float(), -1)
+        assert torch.allclose(kept[i], logp[[o[0] for o in options]], atol=1e-4)

@@ -52,6 +52,7 @@ class Worker:
     rank: int
     world: int
     local_rank: int
+    bf16: bool = False  # trains in bf16 mixed precision
 
     @property
     def on_gpu(self) -> bool:
@@ -63,6 +64,17 @@ class Worker:
         if name != "auto":
             return name
         return "bfloat16" if bf16_supported(self.device) else "float32"
+
+    def training_attention(self):
+        """A block for training forwards (their backwards follow the kernel the forward picked): sdpa's math
+        kernel where bf16 training runs on a CPU. In PPO's update there, the flash kernel's bf16 backward (many small
+        oneDNN GEMMs) took most of the backward; SFT-length rows (256 tokens) train faster with flash, so only PPO
+        asks for this block (README: Performance)."""
+        import contextlib
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH]) if self.bf16 and not self.on_gpu else contextlib.nullcontext()
 
 
 def worker_init(resources: Resources, seed: int) -> Worker:
@@ -86,7 +98,7 @@ def worker_init(resources: Resources, seed: int) -> Worker:
         raise CaiError(f"{resources.section}.bf16=true, but this {kind} has no bf16 support; "
                        f"set {resources.section}.bf16=false")
     _attach_deepspeed()
-    return Worker(device, rank, world, local_rank)
+    return Worker(device, rank, world, local_rank, resources.bf16)
 
 
 def _attach_deepspeed() -> None:

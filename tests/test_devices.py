@@ -44,6 +44,23 @@ def test_worker_init_picks_threads_seed_and_device():
         torch.set_num_threads(before)
 
 
+def test_bf16_training_on_a_cpu_takes_the_math_attention_kernel():
+    """The CPU flash kernel's bf16 backward is slow (README: Performance): training forwards in bf16 on a CPU take
+    sdpa's math kernel inside `training_attention`, and only there; fp32 training keeps flash."""
+    from cai.cluster import Worker
+
+    q = torch.randn(2, 4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+
+    def kernel() -> str:
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q).grad_fn.name()
+
+    with Worker(torch.device("cpu"), 0, 1, 0, bf16=True).training_attention():
+        assert "Flash" not in kernel()
+    assert "Flash" in kernel()
+    with Worker(torch.device("cpu"), 0, 1, 0, bf16=False).training_attention():
+        assert "Flash" in kernel()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the line a CPU-only node gives")
 def test_worker_init_refuses_gpus_it_cannot_see():
     with pytest.raises(CaiError, match=r"^ppo.train: asks for GPUs, but torch sees none on this node"):

@@ -289,7 +289,8 @@ class PPOWorker:
             self.step, t0 = step, time.time()
             exp = self.rollout(step)                                     # steps 1-3
             t_update, lr = time.time(), self.models.policy.get_lr()[0]  # the schedule's rate for this step
-            with recompute.recomputing(self.models.policy.module, self.models.value.module):
+            with recompute.recomputing(self.models.policy.module, self.models.value.module), \
+                    self.worker.training_attention():
                 update = self.update(exp, step)                          # steps 4-5
             update = {**update, **self.timing, "update_s": time.time() - t_update, "lr": lr}
             last = self.metrics(step, exp, update, time.time() - t0)     # step 6

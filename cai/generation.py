@@ -47,7 +47,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if V <= 4 * CDF_BLOCK:
         cdf = probs.cumsum(-1)
         return torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), _last_positive(cdf))
-    blocks = torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)).view(B, -1, CDF_BLOCK)     # (B, V/256, 256)
+    padded = torch.nn.functional.pad(probs, (0, -V % CDF_BLOCK)) if V % CDF_BLOCK else probs
+    blocks = padded.view(B, -1, CDF_BLOCK)                                                 # (B, V/256, 256)
     mass = blocks.sum(-1)
     cmass = mass.cumsum(-1)                                                                # (B, V/256)
     target = u * cmass[:, -1:]

@@ -186,9 +186,12 @@ def prefix_attention(module, query, key, value, attention_mask, prefix: PrefixKV
     row columns otherwise. query (B, H*G, q, D); key/value (B, H, L, D); attention_mask (B, 1, q, L) bool, True =
     attend. -> ((B, q, H*G, D), None), as transformers' sdpa function returns.
 
-    sdpa is called with `enable_gqa` (transformers repeats each key/value head per query head when a mask is
-    passed: a copy of the whole cache per layer); a prompt's forward copies the prefix per row, a decoding step
+    On a CPU sdpa is called with `enable_gqa` (transformers repeats each key/value head per query head when a mask
+    is passed: a copy of the whole cache per layer); on a GPU, where a masked sdpa with `enable_gqa` may fall back
+    to the math kernel, transformers' own path runs. A prompt's forward copies the prefix per row, a decoding step
     reads it once for all rows (`decode_attention`)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     pk, pv = (prefix.keys[module.layer_idx], prefix.values[module.layer_idx]) if prefix else (None, None)
     if pk is not None and query.shape[2] == 1:
         return decode_attention(query, key, value, attention_mask, pk, pv, kwargs["scaling"]), None
@@ -196,8 +199,11 @@ def prefix_attention(module, query, key, value, attention_mask, prefix: PrefixKV
         B, q = query.shape[0], query.shape[2]
         attention_mask = torch.cat([attention_mask.new_ones(B, 1, q, pk.shape[2]), attention_mask], -1)
         key, value = torch.cat([pk.expand(B, -1, -1, -1), key], 2), torch.cat([pv.expand(B, -1, -1, -1), value], 2)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           scale=kwargs["scaling"], enable_gqa=True)
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(  # no mask: transformers found it all causal
+        query, key, value, attn_mask=attention_mask, is_causal=attention_mask is None and query.shape[2] > 1,
+        scale=kwargs["scaling"], enable_gqa=True)
     return out.transpose(1, 2), None
 
 

@@ -6,6 +6,7 @@ and passes the device it returns to everything it builds; nothing else picks a d
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -70,8 +71,6 @@ class Worker:
         kernel where bf16 training runs on a CPU. In PPO's update there, the flash kernel's bf16 backward (many small
         oneDNN GEMMs) took most of the backward; SFT-length rows (256 tokens) train faster with flash, so only PPO
         asks for this block (README: Performance)."""
-        import contextlib
-
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.MATH]) if self.bf16 and not self.on_gpu else contextlib.nullcontext()

@@ -98,8 +98,9 @@ class RowCache:
         tensor (a view: no copy of the rows that stay). -> order: the old index of the row now at each position."""
         B = self.keys[0].shape[0]
         n = B - len(dead)
-        holes = [r for r in sorted(dead) if r < n]
-        movers = [r for r in range(n, B) if r not in set(dead)]
+        gone = set(dead)
+        holes = [r for r in sorted(gone) if r < n]
+        movers = [r for r in range(n, B) if r not in gone]
         order = list(range(n))
         for dst, src in zip(holes, movers):
             order[dst] = src

@@ -128,7 +128,7 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str])
     cfg = load_pipeline(HERE.parent / "pipelines/default.yaml", [
         f"output_dir={folder}", f"ppo.steps={steps}", "ppo.rollout_batch=4", "ppo.minibatch=4", "ppo.ppo_epochs=1",
         "ppo.generation.max_new_tokens=32", "ppo.train.workers=1", "ppo.train.cpus_per_worker=2",
-        "ppo.train.zero_stage=0", "ppo.train.bf16=false", "ppo.train.save_steps=100000", "ppo.prompts=red_team",
+        "ppo.train.zero_stage=0", "ppo.train.save_steps=100000", "ppo.prompts=red_team",
         *overrides])
     out = folder / "ppo"
     shutil.rmtree(out, ignore_errors=True)
@@ -140,13 +140,15 @@ def ours(folder: Path, policy: Path, rm: Path, steps: int, overrides: list[str])
 
 
 OURS = {  # label -> overrides of the default pipeline
-    "cai PPO, fp32": [],
-    "cai PPO, fp32, offloaded": ["ppo.offload_inference_models=true"],
-    "cai PPO, fp32, bf16 reference, offloaded": ["ppo.reference_dtype=bfloat16", "ppo.offload_inference_models=true"],
-    "cai PPO, fp32, bf16 reference, offloaded, recompute all layers": [
-        "ppo.reference_dtype=bfloat16", "ppo.offload_inference_models=true", "ppo.train.activation_checkpointing=1"],
-    "cai PPO, bf16 mixed precision, offloaded": ["ppo.train.bf16=true", "ppo.reference_dtype=bfloat16",
+    "cai PPO, default (train.bf16: auto)": [],
+    "cai PPO, fp32": ["ppo.train.bf16=false"],
+    "cai PPO, fp32, offloaded": ["ppo.train.bf16=false", "ppo.offload_inference_models=true"],
+    "cai PPO, fp32, bf16 reference, offloaded": ["ppo.train.bf16=false", "ppo.reference_dtype=bfloat16",
                                                  "ppo.offload_inference_models=true"],
+    "cai PPO, fp32, bf16 reference, offloaded, recompute all layers": [
+        "ppo.train.bf16=false", "ppo.reference_dtype=bfloat16", "ppo.offload_inference_models=true",
+        "ppo.train.activation_checkpointing=1"],
+    "cai PPO, bf16 mixed precision, offloaded": ["ppo.train.bf16=true", "ppo.offload_inference_models=true"],
 }
 TRL = {"trl 1.12 PPOTrainer, fp32": "fp32", "trl 1.12 PPOTrainer, bf16 (autocast)": "bf16"}
 BASE = "trl 1.12 PPOTrainer, fp32"
@@ -192,8 +194,12 @@ def main() -> None:
             continue
         results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"done: {label}", file=sys.stderr, flush=True)
-    print(f"\nSmolLM2-135M x 4 models, batch 4, 32 new tokens, 1 PPO epoch, {args.steps} steps, 2 cores; ours on "
-          f"1 Ray Train worker, DeepSpeed ZeRO-0")
+    import torch
+    from fault_injection import cpu_name
+
+    print(f"\nSmolLM2-135M x 4 models, batch 4, 32 new tokens, 1 PPO epoch, {args.steps} steps, 2 cores of "
+          f"{cpu_name()} (torch CPU capability {torch.backends.cpu.get_cpu_capability()}); ours on 1 Ray Train "
+          f"worker, DeepSpeed ZeRO-0")
     print("goal: step time <= 0.7x and peak memory <= 0.8x of trl 1.12 fp32")
     print(f"{'implementation':66s} {'step s':>7s} {'first s':>8s} {'peak GB':>8s} {'x trl time':>11s} "
           f"{'x trl mem':>10s}")

@@ -29,7 +29,7 @@ class Resources:
     """What one worker process is given, and the config section that asked for it (for error lines)."""
     cpus: float
     gpus: float
-    bf16: bool
+    bf16: bool | str  # True, False or "auto" (TrainConfig.bf16); worker_init decides
     section: str
     keep_freed_memory: bool | None = None  # None: glibc's defaults
 
@@ -53,7 +53,7 @@ class Worker:
     rank: int
     world: int
     local_rank: int
-    bf16: bool = False  # trains in bf16 mixed precision
+    bf16: bool = False  # trains in bf16 mixed precision (`auto` decided for this device)
 
     @property
     def on_gpu(self) -> bool:
@@ -65,6 +65,10 @@ class Worker:
         if name != "auto":
             return name
         return "bfloat16" if bf16_supported(self.device) else "float32"
+
+    def decided(self, train: TrainConfig) -> TrainConfig:
+        """`train` with its bf16 decided for this device, for everything the worker builds from it."""
+        return train.model_copy(update={"bf16": self.bf16})
 
     def training_attention(self):
         """A block for training forwards (their backwards follow the kernel the forward picked): sdpa's math
@@ -92,12 +96,13 @@ def worker_init(resources: Resources, seed: int) -> Worker:
                            f"(a CPU build of torch, or no driver); set the GPUs to 0")
         device = torch.device("cuda", _assigned_gpu_index())
         torch.cuda.set_device(device)
-    if resources.bf16 and not bf16_supported(device):
+    bf16 = bf16_supported(device) if resources.bf16 == "auto" else resources.bf16
+    if bf16 and not bf16_supported(device):
         kind = "GPU" if device.type == "cuda" else "CPU"
         raise CaiError(f"{resources.section}.bf16=true, but this {kind} has no bf16 support; "
-                       f"set {resources.section}.bf16=false")
+                       f"set {resources.section}.bf16=false or auto")
     _attach_deepspeed()
-    return Worker(device, rank, world, local_rank, resources.bf16)
+    return Worker(device, rank, world, local_rank, bf16)
 
 
 def _attach_deepspeed() -> None:

@@ -28,7 +28,7 @@ def _engine(model_path: str, flat: bool):
     from cai.train.deepspeed import deepspeed_config
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    train = TrainConfig(workers=2, zero_stage=0, batch_size=2, grad_accum=2, max_grad_norm=1.0)
+    train = TrainConfig(workers=2, zero_stage=0, bf16=False, batch_size=2, grad_accum=2, max_grad_norm=1.0)
     engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(train, hf_auto=False, world_size=2),
                                       optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2))
     return engine, (FlatGradients(engine) if flat else None)

@@ -95,3 +95,21 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, capab
     worker = worker_init(Resources(cpus=1, gpus=0, bf16=False, section="ray"), seed=0)
     assert worker.resolve_dtype("auto") == auto
     assert worker.resolve_dtype("float32") == "float32" and worker.resolve_dtype("bfloat16") == "bfloat16"
+    # training's bf16 defaults to auto (as trl's configs default to bf16): decided by the same test, per worker
+    from cai.config import TrainConfig
+
+    train = TrainConfig()
+    assert train.bf16 == "auto"
+    trainer = worker_init(Resources.of_training(train, "sft"), seed=0)
+    assert trainer.bf16 is (auto == "bfloat16")
+    assert trainer.decided(train).bf16 is (auto == "bfloat16") and train.bf16 == "auto"
+    assert worker_init(Resources.of_training(TrainConfig(bf16=False), "sft"), seed=0).bf16 is False
+
+
+def test_deepspeed_refuses_a_bf16_nobody_decided():
+    from cai.config import TrainConfig
+    from cai.train.deepspeed import deepspeed_config
+
+    with pytest.raises(ValueError, match="train.bf16 is 'auto'"):
+        deepspeed_config(TrainConfig(), hf_auto=True)
+    assert deepspeed_config(TrainConfig(bf16=True), hf_auto=True)["bf16"]["enabled"] is True

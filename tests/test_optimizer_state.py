@@ -15,7 +15,7 @@ def _steps(primed: bool, fused: bool) -> tuple[list[torch.Tensor], dict]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)
     if primed:
         before = [p.detach().clone() for p in model.parameters()]
-        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0))
+        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0, bf16=False))
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # nothing moved
         assert all(p.grad is None for p in model.parameters())
         state = optimizer.state[model[0].weight]
@@ -43,7 +43,7 @@ def test_allocated_optimizer_state_gives_bit_identical_steps():
 def test_optimizer_state_is_left_lazy_where_deepspeed_owns_it():
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    allocate_optimizer_state(optimizer, TrainConfig(zero_stage=2))
+    allocate_optimizer_state(optimizer, TrainConfig(zero_stage=2, bf16=False))
     allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0, bf16=True))
     assert len(optimizer.state) == 0
 
@@ -55,7 +55,7 @@ def test_a_resumed_optimizer_loads_over_allocated_state():
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0))
+        allocate_optimizer_state(optimizer, TrainConfig(zero_stage=0, bf16=False))
         return model, optimizer
 
     def step(model, optimizer, seed):

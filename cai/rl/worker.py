@@ -63,6 +63,7 @@ class PPOWorker:
         self.job, self.cfg = job, job.ppo
         self.train = ppo_train_config(job)
         self.worker = worker_init(Resources.of_training(self.train, "ppo"), job.seed)
+        self.train = self.worker.decided(self.train)  # bf16 auto decided for this device
         self.device, self.rank, self.world = self.worker.device, self.worker.rank, self.worker.world
         self.models = load_models(job, self.train, self.worker, self.optimizer_steps)
         weights = RolloutWeights(self.models.policy, self.train.zero_stage, getattr(torch, self.models.inference_dtype),

@@ -12,6 +12,8 @@ Selected by `policy_optimization: dpo`. Steps:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 from pathlib import Path
 
@@ -49,6 +51,7 @@ def train_worker(job: DpoJob) -> dict:
     from cai.train.hf import train_hf, trainer_args
 
     worker = worker_init(Resources.of_training(job.train, "dpo"), job.seed)
+    job = dataclasses.replace(job, train=worker.decided(job.train))  # bf16 auto decided here
     args = trainer_args(DPOConfig, job.train, job.trainer_dir, job.seed, worker, beta=job.beta)
     trainer, result, last = train_hf(DPOTrainer, args, read_jsonl(job.data), job.base_model, "left", job.model_tmp,
                                      job.steps_log, worker, job.train, job.report)

@@ -16,6 +16,8 @@ trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), h
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import shutil
@@ -92,6 +94,7 @@ def train_worker(job: RewardModelJob) -> dict:
     from cai.train.deepspeed import build_engine
 
     worker = worker_init(Resources.of_training(job.train, "reward_model"), job.seed)
+    job = dataclasses.replace(job, train=worker.decided(job.train))  # bf16 auto decided here
     tokenizer = load_tokenizer(job.base_model, padding_side="right")
     model = AutoModelForSequenceClassification.from_pretrained(job.base_model, num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id

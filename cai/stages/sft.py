@@ -15,6 +15,8 @@ On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_work
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import shutil
@@ -93,6 +95,7 @@ def train_worker(job: SftJob) -> dict:
     from cai.train.hf import train_hf, trainer_args
 
     worker = worker_init(Resources.of_training(job.train, "sft"), job.seed)
+    job = dataclasses.replace(job, train=worker.decided(job.train))  # bf16 auto decided here
     # the data holds `passes` epochs in our order (one shuffle per epoch), read once in sequence
     per_pass = job.train.model_copy(update={"epochs": job.train.epochs / job.passes})
     args = trainer_args(SFTConfig, per_pass, job.trainer_dir, job.seed, worker, completion_only_loss=True,

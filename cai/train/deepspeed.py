@@ -9,6 +9,13 @@ from typing import Any
 from cai.config import TrainConfig
 
 
+def decided_bf16(train: TrainConfig) -> bool:
+    """`train.bf16` as a worker decided it (`Worker.decided`): `auto` depends on the device, unknown here."""
+    if not isinstance(train.bf16, bool):
+        raise ValueError("train.bf16 is 'auto': the worker decides it for its device (Worker.decided) first")
+    return train.bf16
+
+
 def deepspeed_config(train: TrainConfig, hf_auto: bool = True, world_size: int | None = None) -> dict:
     """A DeepSpeed config from typed fields. With `hf_auto`, HF Trainer fills batch sizes and clipping
     from its own arguments (values given here would have to match them exactly)."""
@@ -25,7 +32,7 @@ def deepspeed_config(train: TrainConfig, hf_auto: bool = True, world_size: int |
                  "train_batch_size": train.batch_size * train.grad_accum * world,
                  "gradient_clipping": train.max_grad_norm}
     # check_grad_overflow: a step whose gradient norm is not finite is skipped (and counted) in bf16 too
-    return {**sizes, "bf16": {"enabled": train.bf16, "check_grad_overflow": True}, "fp16": {"enabled": False},
+    return {**sizes, "bf16": {"enabled": decided_bf16(train), "check_grad_overflow": True}, "fp16": {"enabled": False},
             "zero_optimization": zero, "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
@@ -60,7 +67,7 @@ def lean_allreduce(engine, train: TrainConfig) -> None:
 
     from cai.train.data_parallel import FlatGradients
 
-    if train.zero_stage != 0 or train.bf16:
+    if train.zero_stage != 0 or decided_bf16(train):
         return
     keep_grad_norm(engine)
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -96,7 +103,7 @@ def allocate_optimizer_state(optimizer, train: TrainConfig) -> None:
     ZeRO-0 fp32 only: DeepSpeed's ZeRO and bf16 optimizers allocate theirs at start-up."""
     import torch
 
-    if train.zero_stage != 0 or train.bf16:
+    if train.zero_stage != 0 or decided_bf16(train):
         return
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     lrs = [group["lr"] for group in optimizer.param_groups]

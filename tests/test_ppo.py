@@ -178,6 +178,19 @@ def stop(tiny_model, run: Path, lean: list[str], how: str, stderr: Path, after: 
     return committed_steps(run)[-1]
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
+                    reason="bf16 training needs a CPU that computes in bf16")
+def test_bf16_ppo_starts_at_zero_kl(tiny_model, tiny_upstream, tmp_path):
+    """In bf16 (train.bf16's auto on such CPUs) the reference and the policy share weights at step 1 and run the
+    same attention kernel, so the first KL is exactly 0: another kernel's bf16 rounding would read as KL."""
+    out = copy_run(tiny_upstream, tmp_path / "run")
+    cai(*args(tiny_model, out, "--stages", "ppo", "ppo.steps=2", "ppo.train.bf16=true",
+              "ppo.generation.max_new_tokens=12", "ppo.train.zero_stage=0"))
+    m = metrics(out)
+    assert m[0]["kl"] == 0.0 and m[0]["response_length"] > 0
+    assert m[1]["kl"] != 0.0  # the policy moved
+
+
 def test_policy_optimization_picks_the_stage():
     from cai.config import active_stages
 

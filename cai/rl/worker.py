@@ -121,16 +121,20 @@ class PPOWorker:
         ids, attention, mask, P = pack(prompt_ids, [o.ids for o in outs], self.models.tokenizer.pad_token_id,
                                        self.device)
         T = self.cfg.generation.temperature
-        with self.models.reference.use() as ref:
+        # the kernel the update's forward takes (its old log-probs): in bf16 another kernel's rounding is KL noise
+        with self.models.reference.use() as ref, self.worker.training_attention():
             ref_logp = logprobs_of(response_logits(ref, ids, attention, P, T), ids[:, P:]) * mask
         texts = [clean_reply(o.text) for o in outs]  # as the preference pairs were cleaned
         finished = torch.tensor([float(o.finished) for o in outs], device=self.device)
         raw, score = self.models.score(prompts, texts, [list(o.ids) for o in outs], finished)
         exp = Experience(ids, attention, P, mask, ref_logp, raw, score, finished, prompts, texts)
-        if not self.values_in_update:
-            exp.values = response_values(self.models.value.module, ids, attention, P) * mask
+        with self.worker.training_attention():  # as in the update, so that its first ratios are exactly 1
+            if not self.values_in_update:
+                exp.values = response_values(self.models.value.module, ids, attention, P) * mask
+            if not self.fused:
+                exp.logp = logprobs_of(response_logits(self.models.policy.module, ids, attention, P, T),
+                                       ids[:, P:]) * mask
         if not self.fused:
-            exp.logp = logprobs_of(response_logits(self.models.policy.module, ids, attention, P, T), ids[:, P:]) * mask
             exp.finish(self.cfg, self.kl_ctl.value)
         self.timing["score_s"] = time.time() - t0
         return exp

@@ -61,6 +61,8 @@ def test_tiny_pipeline_end_to_end_then_cached(tiny_model, tiny_upstream, tiny_ru
     assert AutoModelForCausalLM.from_pretrained(out / "sft" / "model").num_parameters() > 0
     sft_summary = json.loads((out / "sft" / "_COMPLETE.json").read_text())["summary"]
     assert sft_summary["rows"] == len(rows(out, "sft", "train.jsonl")) > 0 and sft_summary["steps"] >= 1
+    for stage in ("sft", "reward_model", "ppo"):  # the precision the worker decided is on record (tiny.yaml: fp32)
+        assert json.loads((out / stage / "_COMPLETE.json").read_text())["summary"]["bf16"] is False, stage
     # preferences: trl preference rows with soft labels; the judge check is reported
     prefs = rows(out, "preferences", "preferences.jsonl")
     assert prefs and all(0.5 <= r["p_chosen"] <= 1 and r["chosen"][0]["role"] == "assistant" for r in prefs)

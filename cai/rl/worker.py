@@ -317,7 +317,7 @@ class PPOWorker:
         self.models.reference.delete()
         self.models.score.delete()
         return {"steps": self.cfg.steps, "resumed_from_step": start, "skipped_steps": self.skipped,
-                "device": str(self.device),
+                "device": str(self.device), "bf16": self.worker.bf16,
                 "setup_peak_rss_gb": self.setup_peak_rss_gb, "final": last, "peak_rss_gb": peak_rss_gb(), **sizes}
 
 

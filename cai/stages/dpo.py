@@ -61,7 +61,7 @@ def train_worker(job: DpoJob) -> dict:
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "train_accuracy": round(sum(h["rewards/accuracies"] for h in logged) / len(logged), 4) if logged else None,
             "train_margin": round(sum(h["rewards/margins"] for h in logged) / len(logged), 4) if logged else None,
-            "resumed_from": last, "device": str(trainer.args.device), "peak_rss_gb": peak_rss_gb(),
+            "resumed_from": last, "device": str(trainer.args.device), "bf16": worker.bf16, "peak_rss_gb": peak_rss_gb(),
             **(trainable_share(trainer.model) if job.train.lora else {})}
 
 

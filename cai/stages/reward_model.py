@@ -120,7 +120,7 @@ def train_worker(job: RewardModelJob) -> dict:
     _save(engine, tokenizer, job, worker, stats)
     return {"steps": total, "resumed_from_step": start, "final_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4)
             if losses else None, **metrics, "first_lr": lrs[0] if lrs else None, "last_lr": lrs[-1] if lrs else None,
-            "device": str(worker.device), "train_seconds": round(train_seconds, 2),
+            "device": str(worker.device), "bf16": worker.bf16, "train_seconds": round(train_seconds, 2),
             "train_tokens": _sum_over_ranks(tokens, worker.device), "peak_rss_gb": peak_rss_gb(),
             **(lora.trainable_share(model) if job.train.lora else {})}
 

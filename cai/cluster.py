@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from cai.errors import CaiError
 
@@ -29,7 +29,7 @@ class Resources:
     """What one worker process is given, and the config section that asked for it (for error lines)."""
     cpus: float
     gpus: float
-    bf16: bool | str  # True, False or "auto" (TrainConfig.bf16); worker_init decides
+    bf16: bool | Literal["auto"]  # as TrainConfig.bf16; worker_init decides `auto` for its device
     section: str
     keep_freed_memory: bool | None = None  # None: glibc's defaults
 

@@ -115,7 +115,9 @@ class TrainConfig(Strict):
     cpus_per_worker: float = Field(2.0, gt=0, description="CPUs (and torch threads) per worker")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on CPU")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
-    bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto: on where the device computes in bf16 (GPUs with bf16, CPUs with AVX512-BF16 or AMX), as trl's configs default to bf16")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto: on where the device "
+                                         "computes in bf16 (GPUs with bf16, CPUs with AVX512-BF16 or AMX), as "
+                                         "trl's configs default to bf16")
     learning_rate: float = Field(1e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("constant", description="paper: constant")
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 before the schedule")
@@ -132,6 +134,13 @@ class TrainConfig(Strict):
                                      "instead of returning it to the OS (on CPU: faster, higher peak RSS)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (merged into a "
                                     "plain model folder on commit, kept in <stage>/adapter/); None: full fine-tuning")
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _bf16_choice(cls, value):
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError(f"expected true, false or auto, got {value!r}")
 
 
 class SftConfig(Strict):

@@ -53,6 +53,8 @@ def test_dotted_overrides_are_typed(tmp_path):
     ("- a\n- b\n", "expected a mapping"),
     (GOOD + "dpo: {train: {activation_checkpointing: 2}}\n",
      "p.yaml:9: key 'dpo.train': Value error, activation_checkpointing: trl's DPOTrainer recomputes every layer"),
+    (GOOD + "sft: {train: {bf16: maybe}}\n", "p.yaml:9: key 'sft.train.bf16': Value error, expected true, false or auto, "
+     "got 'maybe'"),
 ])
 def test_bad_config_is_one_line_naming_file_line_key(tmp_path, text, expected):
     with pytest.raises(CaiError) as e:
@@ -66,6 +68,8 @@ def test_bad_override(tmp_path):
         load_pipeline(write(tmp_path, GOOD), ["critique_revise.rounds=abc"])
     with pytest.raises(CaiError, match="unknown key"):
         load_pipeline(write(tmp_path, GOOD), ["critique_revise.nope=1"])
+    cfg = load_pipeline(write(tmp_path, GOOD), ["ppo.train.bf16=false", "sft.train.bf16=auto"])
+    assert (cfg.ppo.train.bf16, cfg.sft.train.bf16, cfg.dpo.train.bf16) == (False, "auto", "auto")
     with pytest.raises(CaiError, match="expected key=value"):
         load_pipeline(write(tmp_path, GOOD), ["critique_revise.rounds"])
 

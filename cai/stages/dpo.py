@@ -13,7 +13,6 @@ Selected by `policy_optimization: dpo`. Steps:
 from __future__ import annotations
 
 import dataclasses
-
 import shutil
 from pathlib import Path
 

@@ -17,7 +17,6 @@ trl's RewardTrainer takes only hard chosen/rejected (with an optional margin), h
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 import shutil

@@ -16,7 +16,6 @@ On 8 GPUs: `cai run pipelines/x.yaml sft.train.workers=8 sft.train.gpus_per_work
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 import shutil
@@ -109,7 +108,8 @@ def train_worker(job: SftJob) -> dict:
     return {"train_loss": round(result.training_loss, 4), "steps": result.global_step,
             "resumed_from": last, "runtime_s": round(result.metrics["train_runtime"], 1),
             "tokens": int(trainer.state.num_input_tokens_seen), "device": str(trainer.args.device),
-            "bf16": worker.bf16, "peak_rss_gb": peak_rss_gb(), **(trainable_share(trainer.model) if job.train.lora else {})}
+            "bf16": worker.bf16, "peak_rss_gb": peak_rss_gb(),
+            **(trainable_share(trainer.model) if job.train.lora else {})}
 
 
 def run(cfg: PipelineConfig, constitution: Constitution, inputs: dict[str, Path], out: Path) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.cluster import bf16_supported
 from cai.config import load_pipeline
 from cai.errors import CaiError
 from cai.stages import ppo
@@ -178,8 +179,7 @@ def stop(tiny_model, run: Path, lean: list[str], how: str, stderr: Path, after: 
     return committed_steps(run)[-1]
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
-                    reason="bf16 training needs a CPU that computes in bf16")
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="bf16 training needs a CPU that computes in bf16")
 def test_bf16_ppo_starts_at_zero_kl(tiny_model, tiny_upstream, tmp_path):
     """In bf16 (train.bf16's auto on such CPUs) the reference and the policy share weights at step 1 and run the
     same attention kernel, so the first KL is exactly 0: another kernel's bf16 rounding would read as KL."""

@@ -8,6 +8,9 @@ baselines: HF `generate`, fp32 and bf16, batch 32; llama.cpp through `llama-cpp-
 (Q4_1), one prompt at a time as its chat API runs them, in a child process (skipped with a note when the package is
 not installed or crashes: 0.3.36 built here did on its first completion, 0.3.16 ran).
 
+`steps` counts our generator's decoding forwards (one token per live row each: a batch takes as many as its longest
+row's tokens) and `prompt tok` the prompt tokens its forwards computed, padding included: what a line's time is spent on.
+
 Then the stage lines, in `--dtype` (auto: bf16 where the CPU computes in it, as the pipeline picks):
 - the critique_revise stage's shard function (answer + one critique/revision round, two few-shot conversations)
   on red-team prompts, one shard per `--stage-rows` (its rows decode as one batch): rows/s, new tok/s, and new tok/s
@@ -183,23 +186,27 @@ def main() -> None:
     if not isinstance(cpp, str):
         results.append(("llama.cpp (GGUF)", "q4_1", 1, *cpp))
     for d, batch in (("float32", 32), ("bfloat16", 32), ("bfloat16", 64)):
-        results.append(("cai ChatGenerator", SHORT[d], batch,
-                        *ours(ChatGenerator(models[d], tok), convs, args.new_tokens, batch)))
+        gen = ChatGenerator(models[d], tok)
+        results.append(("cai ChatGenerator", SHORT[d], batch, *ours(gen, convs, args.new_tokens, batch),
+                        gen.decode_steps, gen.computed_tokens))
     base = results[0][3] / results[0][4]
     print(f"\nSmolLM2-135M-Instruct, {len(convs)} prompts, {args.new_tokens} new tokens max, sampling T=1, "
           f"{args.threads} threads")
-    print(f"{'generator':26s} {'dtype':5s} {'batch':>5s} {'new tok':>8s} {'seconds':>8s} {'tok/s':>7s} {'x base':>7s}")
-    for name, d, batch, tokens, seconds in results:
+    print(f"{'generator':26s} {'dtype':5s} {'batch':>5s} {'new tok':>8s} {'seconds':>8s} {'tok/s':>7s} {'x base':>7s}"
+          f" {'steps':>6s} {'prompt tok':>10s}")
+    for name, d, batch, tokens, seconds, *work in results:
         print(f"{name:26s} {d:5s} {batch:5d} {tokens:8d} {seconds:8.1f} {tokens / seconds:7.0f} "
-              f"{tokens / seconds / base:6.2f}x")
+              f"{tokens / seconds / base:6.2f}x {work[0] if work else '-':>6} {work[1] if work else '-':>10}")
     if isinstance(cpp, str):
         print(f"llama.cpp: skipped, {cpp}")
-    plain = next(t / s for name, d, b, t, s in results if name == "cai ChatGenerator" and d == SHORT[dtype] and b == 32)
+    plain = next(r[3] / r[4] for r in results if r[0] == "cai ChatGenerator" and r[1] == SHORT[dtype] and r[2] == 32)
     for rows in args.stage_rows:  # a generator kept per shard as an actor keeps it, with its keys/values
-        rate, tokens, seconds = stage_shard(ChatGenerator(models[dtype], tok, reuse_kv=True), rows, 96)
+        gen = ChatGenerator(models[dtype], tok, reuse_kv=True)
+        rate, tokens, seconds = stage_shard(gen, rows, 96)
         print(f"critique_revise shard ({rows} red-team rows, 1 round, 2 shots, {SHORT[dtype]}): {rate:.3f} "
               f"rows/s, {tokens / seconds:.0f} new tok/s, {tokens / seconds / plain:.2f}x cai ChatGenerator "
-              f"{SHORT[dtype]} batch 32, {seconds:.1f}s")
+              f"{SHORT[dtype]} batch 32, {seconds:.1f}s; {tokens} new tokens in {gen.decode_steps} steps, "
+              f"{gen.computed_tokens} prompt tokens computed, {gen.reused_tokens} reused")
     tokens, ours_s, plain_s = labelling(ChatGenerator(models[dtype], tok), args.label_pairs)
     print(f"preferences labelling ({args.label_pairs} pairs, both orders, 2 shots, {SHORT[dtype]}, batch 16): "
           f"{tokens / ours_s:.0f} prompt tok/s, {plain_s / ours_s:.2f}x a plain batched forward "

@@ -201,6 +201,8 @@ class ChatGenerator:
         self._prefixes: dict[tuple[int, ...], PrefixKV] = {}
         self._rows = RowStore(max_bytes=256 * 2**20)
         self.reused_tokens = 0       # prompt tokens whose keys/values came from a stored row, not a forward
+        self.computed_tokens = 0     # prompt tokens a forward computed, padding and shared prefixes included
+        self.decode_steps = 0        # one-token-per-row forwards: the count a batch's longest row sets
 
     # -- prompts -------------------------------------------------------------------------------
     def chat_ids(self, messages: list[dict], max_tokens: int, continue_text: str = "") -> list[int]:
@@ -252,6 +254,7 @@ class ChatGenerator:
         cache = RowCache(self.model.config.num_hidden_layers, P, 1)
         cache.reserve(P)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
+        self.computed_tokens += P
         self._forward(torch.tensor([head], device=self.device), torch.arange(P, device=self.device)[None], causal,
                       cache, None)
         prefix = PrefixKV(head, [k[:, :, :P] for k in cache.keys], [v[:, :, :P] for v in cache.values])
@@ -298,6 +301,7 @@ class ChatGenerator:
                     self.reused_tokens += len(own[i]) - W
             cache.rows, cache.write_at = slice(lo, hi), S - W
             ids, _ = left_pad([own[i][max(0, len(own[i]) - W):] for i in order[lo:hi]], self.pad_id, dev)  # (B_g, W)
+            self.computed_tokens += ids.numel()
             q = cols[S - W:S]                                                          # the window's columns
             mask = ((cols[None, :C] <= q[:, None]) & valid[lo:hi, None, :C]) | (cols[None, :C] == q[:, None])
             logits.append(self._forward(ids, P + (q - first[lo:hi]).clamp(min=0), mask[:, None], cache, prefix))
@@ -314,6 +318,7 @@ class ChatGenerator:
                                batch.cache, batch.prefix)
         batch.cache.write_at += 1
         batch.next_pos = batch.next_pos + 1
+        self.decode_steps += 1
         return logits
 
     def _keep_rows(self, batch: _Batch, live: list[int], js: list[int], tokens: list[list[int]]) -> None:

@@ -79,6 +79,21 @@ def test_greedy_batched_equals_one_by_one(tiny_generator, forward_tokens):
     assert all(c.new_tokens == 12 or c.finished for c in batched)
 
 
+def test_work_counters_count_forwards_and_prompt_tokens(tiny_generator):
+    """A batch takes one decoding forward per token of its longest row after the first (which the prompt's forward
+    gives), and its prompt forward computes every row over the widest prompt."""
+    from cai.generation import ChatGenerator
+
+    g = ChatGenerator(tiny_generator.model, tiny_generator.tokenizer)
+    g.forward_tokens = 10**6                                     # one prompt forward for the batch
+    out = g.generate_ids([[10, 11, 12], [20, 21, 22, 23, 24]], GenerationConfig(max_new_tokens=7, temperature=0.0),
+                         seed=0)
+    assert g.decode_steps == max(c.new_tokens for c in out) - 1
+    assert g.computed_tokens == 2 * 5
+    g.generate_ids([[30, 31]], GenerationConfig(max_new_tokens=4, temperature=0.0), seed=0)
+    assert g.computed_tokens == 2 * 5 + 2                        # counts add up across calls
+
+
 def test_a_repeated_prompt_runs_once_and_scores_as_alone(tiny_generator):
     """Rows holding the same prompt share one prefill: each row's next-token log-probs are those of its prompt scored
     alone, and sampled rows still draw on their own."""

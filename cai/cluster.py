@@ -96,8 +96,9 @@ def worker_init(resources: Resources, seed: int) -> Worker:
                            f"(a CPU build of torch, or no driver); set the GPUs to 0")
         device = torch.device("cuda", _assigned_gpu_index())
         torch.cuda.set_device(device)
-    bf16 = bf16_supported(device) if resources.bf16 == "auto" else resources.bf16
-    if bf16 and not bf16_supported(device):
+    supported = bf16_supported(device)
+    bf16 = supported if resources.bf16 == "auto" else resources.bf16
+    if bf16 and not supported:
         kind = "GPU" if device.type == "cuda" else "CPU"
         raise CaiError(f"{resources.section}.bf16=true, but this {kind} has no bf16 support; "
                        f"set {resources.section}.bf16=false or auto")

@@ -134,8 +134,7 @@ class PPOWorker:
             if not self.fused:
                 exp.logp = logprobs_of(response_logits(self.models.policy.module, ids, attention, P, T),
                                        ids[:, P:]) * mask
-        if not self.fused:
-            exp.finish(self.cfg, self.kl_ctl.value)
+                exp.finish(self.cfg, self.kl_ctl.value)
         self.timing["score_s"] = time.time() - t0
         return exp
 
